@@ -1,0 +1,1 @@
+"""Model families and their building blocks (one module per stage of the data flow)."""

@@ -1,0 +1,121 @@
+"""MaskFormer-style proposal generator: class-agnostic mask proposals from a timm backbone.
+
+backbone (strides 4/8/16/32) -> FPN pixel decoder (GroupNorm) -> stride-4 mask features;
+a DETR decoder (no encoder) with N learned queries reads the stride-32 map; each query
+gives a mask embedding (mask logits = embedding . mask features) and a class embedding
+classified by cosine against text embeddings (used to train the proposals by matching,
+and by the GKC-style family; DeOP ignores it at inference).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ProposalConfig
+from .layers import MLP, DecoderLayer, sine_position_embedding
+
+
+def _conv_gn(cin: int, cout: int, kernel: int, groups: int, relu: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+        nn.GroupNorm(groups, cout),
+    ]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class PixelDecoder(nn.Module):
+    """FPN over backbone features -> stride-4 mask features (B, mask_dim, H/4, W/4)."""
+
+    def __init__(self, in_channels: list[int], conv_dim: int, mask_dim: int, groups: int):
+        super().__init__()
+        self.lateral = nn.ModuleList()
+        self.output = nn.ModuleList()
+        for i, cin in enumerate(in_channels):
+            top = i == len(in_channels) - 1
+            # the coarsest level has no lateral: its 3x3 output conv reads it directly
+            self.lateral.append(nn.Identity() if top else _conv_gn(cin, conv_dim, 1, groups, False))
+            self.output.append(_conv_gn(cin if top else conv_dim, conv_dim, 3, groups, True))
+        self.mask_features = nn.Conv2d(conv_dim, mask_dim, 3, padding=1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        y = self.output[-1](features[-1])
+        for i in range(len(features) - 2, -1, -1):
+            lateral = self.lateral[i](features[i])
+            y = lateral + F.interpolate(y, size=lateral.shape[-2:], mode="nearest")
+            y = self.output[i](y)
+        return self.mask_features(y)
+
+
+class ProposalGenerator(nn.Module):
+    """Mask proposals for DeOP.
+
+    Args:
+        config: :class:`ProposalConfig`.
+        text_dim: dimension of the text embeddings the class head is compared with.
+
+    ``forward(images)`` with images (B, 3, H, W) (normalised, H, W multiples of 32) returns
+    a dict: ``mask_logits`` (B, N, H/4, W/4), ``query_embeddings`` (B, N, text_dim)
+    L2-normalised class embeddings, and ``aux`` (list of the same two per earlier decoder
+    layer, for deep supervision).
+    """
+
+    def __init__(self, config: ProposalConfig, text_dim: int):
+        super().__init__()
+        import timm
+
+        self.config = config
+        self.backbone = timm.create_model(
+            config.backbone,
+            pretrained=False,
+            features_only=True,
+            out_indices=(1, 2, 3, 4),
+            **_json_kwargs(config.backbone_kwargs),
+        )
+        channels = self.backbone.feature_info.channels()
+        reductions = self.backbone.feature_info.reduction()
+        if list(reductions) != [4, 8, 16, 32]:
+            raise ValueError(f"backbone {config.backbone!r} must give strides 4/8/16/32, got {reductions}")
+        self.pixel_decoder = PixelDecoder(
+            channels, config.conv_dim, config.mask_dim, config.norm_groups
+        )
+        hidden = config.hidden_dim
+        self.input_proj = nn.Conv2d(channels[-1], hidden, 1)
+        self.query_embed = nn.Embedding(config.num_queries, hidden)
+        self.layers = nn.ModuleList(
+            DecoderLayer(hidden, config.num_heads, config.dim_feedforward, config.dropout)
+            for _ in range(config.dec_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(hidden)
+        self.mask_embed = MLP(hidden, hidden, config.mask_dim, 3)
+        self.class_embed = MLP(hidden, config.class_hidden, text_dim, 2)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        features = self.backbone(images)
+        mask_features = self.pixel_decoder(features)
+        top = self.input_proj(features[-1])
+        b, c, h, w = top.shape
+        memory = top.flatten(2).transpose(1, 2)
+        memory_pos = sine_position_embedding(h, w, c, device=top.device, dtype=top.dtype)
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
+        tgt = torch.zeros_like(query_pos)
+        outputs = []
+        for layer in self.layers:
+            tgt = layer(tgt, memory, query_pos, memory_pos)
+            outputs.append(self._heads(self.decoder_norm(tgt), mask_features))
+        final = outputs[-1]
+        final["aux"] = outputs[:-1]
+        return final
+
+    def _heads(self, queries: torch.Tensor, mask_features: torch.Tensor) -> dict:
+        mask_logits = torch.einsum("bnc,bchw->bnhw", self.mask_embed(queries), mask_features)
+        embeddings = F.normalize(self.class_embed(queries), dim=-1)
+        return {"mask_logits": mask_logits, "query_embeddings": embeddings}
+
+
+def _json_kwargs(kwargs: dict) -> dict:
+    # JSON turns tuples into lists; timm wants tuples for channel specs.
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}

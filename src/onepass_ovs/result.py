@@ -1,0 +1,198 @@
+"""SegmentationResult: the label map of one image, with lazily computed probabilities."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .images import Geometry
+
+UNKNOWN = -1
+_EPS = 1e-8
+_CLASS_CHUNK = 64  # classes resized at once: bounds memory for huge vocabularies
+
+
+def palette(num_colours: int = 256) -> np.ndarray:
+    """A fixed, well-spread colour table (num_colours, 3) uint8.
+
+    Bit-interleaved colours (the scheme of the PASCAL VOC label images), shifted by one so
+    class 0 is not black; black is kept for "unknown".
+    """
+    ids = np.arange(1, num_colours + 1)
+    colours = np.zeros((num_colours, 3), dtype=np.int64)
+    c = ids.copy()
+    for shift in range(7, -1, -1):
+        for channel in range(3):
+            colours[:, channel] |= ((c >> channel) & 1) << shift
+        c >>= 3
+    return colours.astype(np.uint8)
+
+
+def upsample_scores(scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """(C, h, w) scores on the padded canvas -> (C, H0, W0) on the original image.
+
+    Upsample to the padded size, crop the valid (resized) region, resize to the original.
+    """
+    hp, wp = geometry.padded
+    h1, w1 = geometry.resized
+    x = scores[None].float()
+    if x.shape[-2:] != (hp, wp):
+        x = F.interpolate(x, size=(hp, wp), mode="bilinear", align_corners=False)
+    x = x[..., :h1, :w1]
+    if (h1, w1) != geometry.original:
+        x = F.interpolate(x, size=geometry.original, mode="bilinear", align_corners=False)
+    return x[0]
+
+
+class SegmentationResult:
+    """The segmentation of one image.
+
+    Attributes:
+        label_map: (H, W) int32 class indices into ``classes`` at the input's size;
+            -1 marks "unknown" (only with ``unknown_threshold``).
+        classes: the vocabulary as given, order kept.
+        probs: (K, H, W) float32 class probabilities (summing to 1 per pixel), computed on
+            first access.
+    """
+
+    def __init__(
+        self,
+        scores: torch.Tensor,
+        classes: list[str],
+        geometry: Geometry,
+        unknown_threshold: float | None = None,
+    ):
+        """scores: (K, h, w) non-negative class scores on the padded canvas."""
+        if scores.shape[0] != len(classes):
+            raise ValueError(f"{scores.shape[0]} score maps for {len(classes)} classes")
+        self._scores = scores.detach().float().cpu().clamp_min(0.0)
+        self.classes = list(classes)
+        self.geometry = geometry
+        self.unknown_threshold = unknown_threshold
+        self.label_map = self._label_map()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the input image."""
+        return self.geometry.original
+
+    def _label_map(self) -> np.ndarray:
+        best_score = best_index = None
+        k = len(self.classes)
+        for start in range(0, k, _CLASS_CHUNK):
+            up = upsample_scores(self._scores[start : start + _CLASS_CHUNK], self.geometry)
+            value, index = up.max(0)
+            if best_score is None:
+                best_score, best_index = value, index
+            else:
+                better = value > best_score
+                best_score = torch.where(better, value, best_score)
+                best_index = torch.where(better, index + start, best_index)
+        labels = best_index.to(torch.int32)
+        if self.unknown_threshold is not None:
+            total = upsample_scores(self._scores.sum(0, keepdim=True), self.geometry)[0]
+            best_prob = (best_score + _EPS) / (total + k * _EPS)
+            labels[best_prob < self.unknown_threshold] = UNKNOWN
+        return labels.numpy()
+
+    @cached_property
+    def probs(self) -> np.ndarray:
+        """(K, H, W) float32 probabilities: scores normalised over classes."""
+        k = len(self.classes)
+        up = upsample_scores(self._scores, self.geometry)
+        # the same total as the label map's unknown test, so thresholds agree exactly
+        total = upsample_scores(self._scores.sum(0, keepdim=True), self.geometry)
+        return ((up + _EPS) / (total + k * _EPS)).numpy().astype(np.float32)
+
+    def masks(self) -> dict[str, np.ndarray]:
+        """{class name: (H, W) bool} for every class present in the label map."""
+        present = np.unique(self.label_map)
+        return {self.classes[i]: self.label_map == i for i in present if i >= 0}
+
+    def fractions(self) -> dict[str, float]:
+        """{class name: fraction of pixels} for present classes, largest first."""
+        ids, counts = np.unique(self.label_map, return_counts=True)
+        total = self.label_map.size
+        out = {
+            ("unknown" if i < 0 else self.classes[i]): c / total
+            for i, c in zip(ids.tolist(), counts.tolist(), strict=True)
+        }
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def colour_map(self) -> np.ndarray:
+        """(H, W, 3) uint8 colour picture of the label map (unknown = black)."""
+        k = len(self.classes)
+        colours = np.concatenate([palette(k), np.zeros((1, 3), np.uint8)])
+        return colours[np.where(self.label_map < 0, k, self.label_map)]
+
+    def to_pil(self):
+        """Label map as a PNG-ready image.
+
+        Up to 255 classes: a palette ('P') image, pixel value = class index, 255 = unknown.
+        More classes: a 16-bit greyscale ('I;16') image, 65535 = unknown.
+        """
+        from PIL import Image
+
+        k = len(self.classes)
+        if k <= 255:
+            arr = np.where(self.label_map < 0, 255, self.label_map).astype(np.uint8)
+            img = Image.fromarray(arr, mode="P") if _pil_takes_mode() else Image.fromarray(arr)
+            if img.mode != "P":
+                img = img.convert("P")
+            table = np.zeros((256, 3), np.uint8)
+            table[:k] = palette(k)
+            img.putpalette(table.reshape(-1).tolist())
+            return img
+        if k > 65535:
+            raise ValueError("label maps support at most 65535 classes")
+        arr = np.where(self.label_map < 0, 65535, self.label_map).astype(np.uint16)
+        return Image.fromarray(arr)
+
+    def overlay(self, image, alpha: float = 0.5, image_format: str = "RGB"):
+        """The image with class colours blended in (unknown pixels untouched) -> PIL RGB."""
+        from PIL import Image
+
+        from .images import to_tensor
+
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        (rgb,) = to_tensor(image, image_format)[:1]
+        base = (rgb.permute(1, 2, 0).numpy() * 255.0).round().astype(np.float32)
+        if base.shape[:2] != self.label_map.shape:
+            raise ValueError(
+                f"image is {base.shape[1]}x{base.shape[0]} but the label map is "
+                f"{self.label_map.shape[1]}x{self.label_map.shape[0]}: pass the segmented image"
+            )
+        colours = self.colour_map().astype(np.float32)
+        known = (self.label_map >= 0)[..., None]
+        blended = np.where(known, (1 - alpha) * base + alpha * colours, base)
+        return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8), "RGB")
+
+    def save(self, path: str | Path) -> Path:
+        """Save the label map: ``.png`` (see :meth:`to_pil`) or ``.npy`` (int32 array)."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".png":
+            self.to_pil().save(path)
+        elif suffix == ".npy":
+            np.save(path, self.label_map)
+        else:
+            raise ValueError(f"save() writes .png or .npy label maps, not {suffix or 'no suffix'!r}")
+        return path
+
+    def __repr__(self) -> str:
+        h, w = self.size
+        present = ", ".join(f"{n} {f:.0%}" for n, f in list(self.fractions().items())[:5])
+        return f"SegmentationResult({w}x{h}, {len(self.classes)} classes; {present})"
+
+
+def _pil_takes_mode() -> bool:
+    # Pillow >= 11 deprecates the mode argument of fromarray for 2-D uint8 arrays.
+    import PIL
+
+    major = int(PIL.__version__.split(".")[0])
+    return major < 11

@@ -1,0 +1,207 @@
+"""Text side: vocabulary parsing, prompt templates, learned prompt context and a cache.
+
+A vocabulary is a list of class entries; an entry ``"sofa, couch"`` names one class by
+several synonyms whose (normalised) embeddings are averaged. Every entry is encoded once
+per model and remembered, so segmenting many images with one vocabulary costs one text
+pass.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SINGLE_TEMPLATE = ("a photo of a {}.",)
+
+
+def imagenet_templates() -> tuple[str, ...]:
+    """The 80 prompt templates of CLIP's ImageNet zero-shot ensemble (from open_clip)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(templates, str):
+        if templates == "single":
+            return SINGLE_TEMPLATE
+        if templates == "imagenet80":
+            return imagenet_templates()
+        raise ValueError(f"unknown template set {templates!r}; use 'single', 'imagenet80' or a list")
+    out = tuple(templates)
+    if not out or any(t.count("{}") != 1 for t in out):
+        raise ValueError("each prompt template must contain exactly one '{}'")
+    return out
+
+
+def parse_vocabulary(vocabulary: Sequence[str]) -> list[tuple[str, ...]]:
+    """Split each entry into its synonyms and validate the whole list.
+
+    Returns one tuple of synonyms per class, in the given order. Raises ``ValueError``
+    for an empty vocabulary, an empty entry, or a duplicated class or synonym.
+    """
+    if isinstance(vocabulary, str):
+        raise TypeError(
+            "vocabulary must be a list of class names, e.g. ['cat', 'sofa, couch'], not a string"
+        )
+    entries = list(vocabulary)
+    if not entries:
+        raise ValueError("the vocabulary is empty: give at least one class name")
+    parsed: list[tuple[str, ...]] = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, str):
+            raise TypeError(f"vocabulary entry {index} is {type(entry).__name__}, not str")
+        names = tuple(" ".join(n.split()) for n in entry.split(","))
+        names = tuple(n for n in names if n)
+        if not names:
+            raise ValueError(f"vocabulary entry {index} ({entry!r}) is empty")
+        for name in names:
+            key = name.lower()
+            if key in seen:
+                other = entries[seen[key]]
+                raise ValueError(
+                    f"duplicate class name {name!r} in vocabulary entries {seen[key]} "
+                    f"({other!r}) and {index} ({entry!r})"
+                )
+            seen[key] = index
+        parsed.append(names)
+    return parsed
+
+
+class TextEncoder(nn.Module):
+    """open_clip's text tower with templates, synonyms, learned context and a cache.
+
+    Args:
+        clip_model: an open_clip ``CLIP`` (its text tower parts are shared, not copied).
+        tokenizer: the matching open_clip tokenizer.
+        templates: see :func:`resolve_templates`.
+        prompt_length: number of learned context vectors (CoOp); 0 disables them.
+
+    ``forward(vocabulary)`` returns (K, E) L2-normalised class embeddings.
+    """
+
+    def __init__(self, clip_model: nn.Module, tokenizer, templates="single", prompt_length=0):
+        super().__init__()
+        self.token_embedding = clip_model.token_embedding
+        self.positional_embedding = clip_model.positional_embedding
+        self.transformer = clip_model.transformer
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)
+        self.pool_type = getattr(clip_model, "text_pool_type", "argmax")
+        self.eos_id = getattr(clip_model, "text_eos_id", None)
+        self.tokenizer = tokenizer
+        self.templates = resolve_templates(templates)
+        width = self.token_embedding.weight.shape[1]
+        if prompt_length > 0:
+            # CoOp init: small Gaussian noise, as in the paper's released code.
+            self.prompt_context = nn.Parameter(torch.randn(prompt_length, width) * 0.02)
+        else:
+            self.register_parameter("prompt_context", None)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache_size = 100_000
+        self.encode_batch_size = 256
+
+    # -- cache management ------------------------------------------------------------
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def train(self, mode: bool = True):
+        self.clear_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.clear_cache()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    # -- encoding -------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        proj = self.text_projection
+        if isinstance(proj, nn.Linear):
+            return proj.out_features
+        return proj.shape[1] if proj is not None else self.token_embedding.weight.shape[1]
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Encode raw prompt strings -> (P, E) unnormalised, with learned context if any.
+
+        With learned context, the prompt becomes [SOS] ctx_1..ctx_M <prompt tokens> [EOS]:
+        M placeholder tokens are tokenised and their embeddings replaced.
+        """
+        ctx = self.prompt_context
+        device = self.token_embedding.weight.device
+        if ctx is not None:
+            prompts = [" ".join(["X"] * ctx.shape[0]) + " " + p for p in prompts]
+        tokens = self.tokenizer(list(prompts)).to(device)
+        cast = self.transformer.get_cast_dtype() if hasattr(self.transformer, "get_cast_dtype") else None
+        x = self.token_embedding(tokens)
+        if cast is not None:
+            x = x.to(cast)
+        if ctx is not None:
+            m = ctx.shape[0]
+            x = torch.cat([x[:, :1], ctx.to(x.dtype).expand(x.shape[0], -1, -1), x[:, 1 + m :]], 1)
+        x = x + self.positional_embedding.to(x.dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        if self.pool_type == "argmax":
+            # the EOT token has the highest id in open_clip's BPE vocabulary
+            x = x[torch.arange(x.shape[0], device=device), tokens.argmax(dim=-1)]
+        elif self.pool_type == "eos":
+            idx = (tokens == self.eos_id).int().argmax(dim=-1)
+            x = x[torch.arange(x.shape[0], device=device), idx]
+        elif self.pool_type == "first":
+            x = x[:, 0]
+        else:
+            x = x[:, -1]
+        proj = self.text_projection
+        if isinstance(proj, nn.Linear):
+            x = proj(x)
+        elif proj is not None:
+            x = x @ proj
+        return x
+
+    def encode_names(self, names: Sequence[str]) -> torch.Tensor:
+        """(len(names), E) normalised embeddings, each the mean over all templates."""
+        templates = self.templates
+        prompts = [t.format(name) for name in names for t in templates]
+        chunks = []
+        for start in range(0, len(prompts), self.encode_batch_size):
+            chunks.append(self.encode_prompts(prompts[start : start + self.encode_batch_size]))
+        emb = F.normalize(torch.cat(chunks).float(), dim=-1)
+        emb = emb.view(len(names), len(templates), -1).mean(1)
+        return F.normalize(emb, dim=-1)
+
+    def forward(self, vocabulary: Sequence[str]) -> torch.Tensor:
+        """(K, E) normalised class embeddings for a vocabulary (synonyms averaged)."""
+        classes = parse_vocabulary(vocabulary)
+        use_cache = not (self.training and torch.is_grad_enabled())
+        names = sorted({n for syn in classes for n in syn})
+        if use_cache:
+            missing = [n for n in names if n not in self._cache]
+        else:
+            missing = names
+        fresh = {}
+        if missing:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not use_cache):
+                emb = self.encode_names(missing)
+            fresh = dict(zip(missing, emb, strict=True))
+            if use_cache:
+                for name, e in fresh.items():
+                    self._cache[name] = e.detach()
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        lookup = fresh if not use_cache else self._cache
+        rows = []
+        for synonyms in classes:
+            e = torch.stack([lookup[n] for n in synonyms]).mean(0)
+            rows.append(F.normalize(e, dim=-1))
+        return torch.stack(rows)
