@@ -118,3 +118,20 @@ class DeOP(nn.Module):
         """Inference: (B, 3, H, W) in [0, 1] -> (B, K, H/4, W/4) assembled class scores."""
         out = self.forward(images, text_embeddings, image_sizes)
         return semantic_scores(out["mask_logits"], out["class_logits"])
+
+    def load_clip_weights(self, clip_model: nn.Module) -> None:
+        """Copy an open_clip ``CLIP``'s image and text towers into this model.
+
+        The architecture must match ``config.clip.model_cfg``; DeOP's own additions
+        (learned positions, prompt context) keep their values.
+        """
+        visual = DenseClipViT(clip_model.visual, severance="none")
+        text = TextEncoder(clip_model, create_tokenizer(self.config.clip.model_cfg))
+        for target, source in ((self.clip_visual, visual), (self.text, text)):
+            result = target.load_state_dict(source.state_dict(), strict=False)
+            extra = [k for k in result.missing_keys if not k.startswith(("learned_pos", "prompt_context"))]
+            if extra or result.unexpected_keys:
+                raise ValueError(
+                    f"CLIP weights do not fit the model: missing {extra[:3]}, "
+                    f"unexpected {result.unexpected_keys[:3]}"
+                )
