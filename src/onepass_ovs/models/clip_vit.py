@@ -122,12 +122,13 @@ class DenseClipViT(nn.Module):
 
     # -- forward ------------------------------------------------------------------------
     def forward_tokens(
-        self, images: torch.Tensor, mask_logits: torch.Tensor | None = None
+        self, images: torch.Tensor, mask_logits: torch.Tensor | None = None, *, plain: bool = False
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Run the transformer. Returns tokens (B, 1 + h*w, width) before ln_post, and (h, w).
 
         ``mask_logits`` (B, N, *, *) are needed by the ``weighted`` and ``mask-guided``
-        severance; without them those blocks run unsevered.
+        severance; without them those blocks run unsevered. ``plain=True`` runs the
+        unmodified CLIP (no learned positions, no severance).
         """
         grid = self.grid_size(images.shape[-2], images.shape[-1])
         x = self.conv1(images.to(self.conv1.weight.dtype))  # (B, width, h, w)
@@ -135,7 +136,7 @@ class DenseClipViT(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
         x = x + interpolate_positions(self.positional_embedding, grid).to(x.dtype)
-        extra = {
+        extra = {} if plain else {
             block: interpolate_positions(table, grid).to(x.dtype)
             for block, table in zip(self.learned_pos_block_ids, self.learned_pos, strict=True)
         }
@@ -150,7 +151,7 @@ class DenseClipViT(nn.Module):
         for index, block in enumerate(self.blocks):
             if index in extra and index > 0:
                 x = x + extra[index]
-            if index in self.severance_blocks and self.severance != "none":
+            if not plain and index in self.severance_blocks and self.severance != "none":
                 x = self.severed_block(block, x, token_masks)
             else:
                 x = block(x)
@@ -220,8 +221,8 @@ class DenseClipViT(nn.Module):
         return F.normalize(dense.float(), dim=-1), grid
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Global image embedding (B, E), as open_clip's ``encode_image`` (unnormalised)."""
-        x, _ = self.forward_tokens(images)
+        """Global image embedding (B, E) of the plain CLIP, as open_clip's ``encode_image``."""
+        x, _ = self.forward_tokens(images, plain=True)
         if self.final_ln_after_pool:
             pooled = x[:, 1:].mean(1) if self.pool_type == "avg" else x[:, 0]
             pooled = self.ln_post(pooled)
