@@ -99,5 +99,7 @@ class AnchorPooling(nn.Module):
         qh = self.q_proj(anchors + query_pos).unflatten(-1, (heads, -1)).transpose(1, 2)
         kh = self.k_proj(dense + pos).unflatten(-1, (heads, -1)).transpose(1, 2)
         vh = dense.unflatten(-1, (heads, -1)).transpose(1, 2)  # values = raw CLIP features
-        pooled = anchor_pool(qh, kh, vh, gate.to(dtype))  # (B, heads, N, d)
+        # under autocast the projections come out in the autocast dtype: match them
+        work = qh.dtype
+        pooled = anchor_pool(qh, kh.to(work), vh.to(work), gate.to(work))  # (B, heads, N, d)
         return F.normalize(pooled.transpose(1, 2).flatten(2).float(), dim=-1)

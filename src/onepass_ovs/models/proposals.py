@@ -116,6 +116,46 @@ class ProposalGenerator(nn.Module):
         return {"mask_logits": mask_logits, "query_embeddings": embeddings}
 
 
+def classify_queries(
+    query_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    void_embedding: torch.Tensor,
+    logit_scale: float,
+) -> torch.Tensor:
+    """Cosine classifier of proposal queries with a no-object class appended last.
+
+    query_embeddings (B, N, E) L2-normalised, text_embeddings (K, E) L2-normalised,
+    void_embedding (1, E) (normalised here) -> logits (B, N, K+1) =
+    ``logit_scale * cos(query, [text; void])``.
+    """
+    void = F.normalize(void_embedding.float(), dim=-1)
+    classifier = torch.cat([text_embeddings.float(), void], 0)
+    return logit_scale * query_embeddings.float() @ classifier.t()
+
+
+class ProposalClassifier(nn.Module):
+    """The learned "no object" embedding that training the proposals by matching needs.
+
+    Kept outside :class:`ProposalGenerator` so that the generator's weights (and every
+    saved model) stay the same; the proposal training stage owns one of these.
+
+    ``forward(query_embeddings (B, N, E), text_embeddings (K, E))`` -> (B, N, K+1)
+    logits, no-object last (see :func:`classify_queries`).
+    """
+
+    def __init__(self, embed_dim: int, logit_scale: float = 100.0):
+        super().__init__()
+        self.void_embedding = nn.Parameter(torch.randn(1, embed_dim) * embed_dim**-0.5)
+        self.logit_scale = logit_scale
+
+    def forward(
+        self, query_embeddings: torch.Tensor, text_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        return classify_queries(
+            query_embeddings, text_embeddings, self.void_embedding, self.logit_scale
+        )
+
+
 def _json_kwargs(kwargs: dict) -> dict:
     # JSON turns tuples into lists; timm wants tuples for channel specs.
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}

@@ -1,4 +1,4 @@
-"""Training building blocks: datasets, augmentation, matching and losses.
+"""Training: datasets, augmentation, matching, losses and DeOP's three training stages.
 
 Importing this package is cheap: it pulls in neither scipy (needed only when a
 :class:`HungarianMatcher` runs) nor any model code; the names below are imported
@@ -42,6 +42,7 @@ _LAZY = {
     ),
     "matcher": ("HungarianMatcher",),
     "losses": ("SetCriterion", "assembled_map_loss", "dice_loss", "sigmoid_focal_loss"),
+    "stages": ("default_config", "train_deop", "train_prompt", "train_proposals"),
 }
 _NAME_TO_MODULE = {name: module for module, names in _LAZY.items() for name in names}
 

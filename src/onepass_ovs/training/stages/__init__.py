@@ -1,0 +1,31 @@
+"""DeOP's three training stages (METHODS.md 1.2), each a function and an ``ovs-train``
+command:
+
+=============  ============================  ===========================================
+stage          function                      trains
+=============  ============================  ===========================================
+``prompt``     :func:`train_prompt`          the learned prompt context (CoOp)
+``proposals``  :func:`train_proposals`       the MaskFormer proposal generator
+``deop``       :func:`train_deop`            CAL, learned positions, void embedding
+=============  ============================  ===========================================
+
+Each takes ``(segmenter, dataset, config)`` and returns a :class:`~onepass_ovs.Segmenter`;
+``config.output_dir`` ends as a pretrained folder (``config.json`` +
+``model.safetensors``) with the run (log, checkpoints) under ``training/``.
+"""
+
+from ._common import STAGE_DEFAULTS, STAGES, default_config, load_clip_weights
+from .deop import train_deop
+from .prompt import add_prompt_context, train_prompt
+from .proposals import train_proposals
+
+__all__ = [
+    "STAGES",
+    "STAGE_DEFAULTS",
+    "add_prompt_context",
+    "default_config",
+    "load_clip_weights",
+    "train_deop",
+    "train_prompt",
+    "train_proposals",
+]

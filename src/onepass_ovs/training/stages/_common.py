@@ -1,0 +1,298 @@
+"""What the three DeOP training stages share: defaults, the stage model, running, saving.
+
+A stage trains parts of a :class:`~onepass_ovs.models.deop.DeOP` held by a
+:class:`~onepass_ovs.Segmenter` with the generic :class:`~onepass_ovs.training.engine.Trainer`
+and writes a normal pretrained folder::
+
+    output_dir/
+      config.json  model.safetensors     the trained model (Segmenter.from_pretrained)
+      training/                           the run: stage.json, the TrainConfig,
+        config.json  stage.json           train_log.jsonl and checkpoints/step_*/
+        train_log.jsonl  checkpoints/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...segmenter import Segmenter, build_model
+from .. import IGNORE_INDEX
+from ..data import collate
+from ..distributed import barrier
+from ..engine import TrainConfig, Trainer, derive_seed, list_checkpoints
+
+logger = logging.getLogger("onepass_ovs.training")
+
+STAGES = ("prompt", "proposals", "deop")
+RUN_DIR = "training"
+STAGE_FILE = "stage.json"
+
+# The paper's recipes (METHODS.md 1.2). ``batch_size`` is per process: the paper's batch
+# is the global one, ``batch_size * grad_accum_steps * world_size``.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prompt": {
+        "steps": 16_000, "batch_size": 32, "optimizer": "sgd", "lr": 0.02,
+        "weight_decay": 5e-4, "momentum": 0.9, "lr_schedule": "cosine",
+    },
+    "proposals": {
+        "steps": 60_000, "batch_size": 32, "optimizer": "adamw", "lr": 1e-4,
+        "weight_decay": 1e-4, "lr_schedule": "poly", "poly_power": 0.9,
+        "grad_clip_norm": 0.01, "lr_multipliers": {"proposals.backbone": 0.1},
+    },
+    "deop": {
+        "steps": 60_000, "batch_size": 16, "optimizer": "adamw", "lr": 2e-4,
+        "weight_decay": 1e-4, "lr_schedule": "poly", "poly_power": 0.9,
+        "grad_clip_norm": 0.01,
+    },
+}  # fmt: skip
+
+
+def default_config(stage: str, **overrides: Any) -> TrainConfig:
+    """The paper's :class:`TrainConfig` for ``stage``, with ``overrides`` applied.
+
+    >>> default_config("deop", steps=200, output_dir="runs/deop").lr
+    0.0002
+    """
+    if stage not in STAGE_DEFAULTS:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    values = {**STAGE_DEFAULTS[stage], **overrides}
+    if "lr_multipliers" in overrides:
+        # extend the stage's multipliers rather than silently dropping them
+        values["lr_multipliers"] = {
+            **STAGE_DEFAULTS[stage].get("lr_multipliers", {}),
+            **overrides["lr_multipliers"],
+        }
+    return TrainConfig(**values)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def deop_model(segmenter: Segmenter) -> nn.Module:
+    """The segmenter's DeOP model in float32 (training needs full-precision weights)."""
+    if not isinstance(segmenter, Segmenter):
+        raise TypeError(f"expected a Segmenter, got {type(segmenter).__name__}")
+    if segmenter.config.family != "deop":
+        raise ValueError(
+            f"the training stages train 'deop' models, not {segmenter.config.family!r}"
+        )
+    model = segmenter.model
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model.float()
+    return model
+
+
+def check_dataset(dataset: Any) -> None:
+    """A labelled dataset with class names and no transform of its own."""
+    for attribute in ("classes", "unseen_ids", "load"):
+        if not hasattr(dataset, attribute):
+            raise TypeError(
+                f"the dataset needs a {attribute!r} attribute (use FolderDataset or "
+                f"CocoStuffDataset); got {type(dataset).__name__}"
+            )
+    if getattr(dataset, "transform", None) is not None:
+        raise ValueError(
+            "leave dataset.transform unset: the stage augments samples itself "
+            "(pass augment=... to replace its augmentation)"
+        )
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+
+
+def seen_classes(dataset: Any) -> tuple[list[str], torch.Tensor]:
+    """The dataset's seen class names (in order) and a label lookup.
+
+    ``lookup`` is int64 ``(num_classes + 1,)``: ``lookup[label]`` maps a dataset class id
+    to its index among the seen classes, an unseen id to ``IGNORE_INDEX``, and
+    ``IGNORE_INDEX`` (-1, which indexes the last entry) to itself.
+    """
+    unseen = set(dataset.unseen_ids)
+    names = [name for i, name in enumerate(dataset.classes) if i not in unseen]
+    if not names:
+        raise ValueError("every class of the dataset is unseen: nothing to train on")
+    lookup = torch.full((len(dataset.classes) + 1,), IGNORE_INDEX, dtype=torch.int64)
+    seen_ids = [i for i in range(len(dataset.classes)) if i not in unseen]
+    lookup[seen_ids] = torch.arange(len(seen_ids))
+    return names, lookup
+
+
+def check_crop(size: int, config) -> None:
+    """Training crops go into the model as they are: their side must fit the padding grid."""
+    multiple = config.preprocess.pad_multiple
+    if size < multiple or size % multiple:
+        raise ValueError(f"crop_size must be a positive multiple of {multiple}, got {size}")
+
+
+def load_clip_weights(segmenter: Segmenter, spec: str) -> Segmenter:
+    """Initialise the CLIP parts from an open_clip pretrained model, ``"MODEL/TAG"``.
+
+    E.g. ``"ViT-B-16/openai"``: ``open_clip.create_model("ViT-B-16", pretrained="openai")``
+    (downloaded once into open_clip's cache), copied by ``DeOP.load_clip_weights``.
+    Raises ``ValueError`` for a malformed spec, an architecture that does not fit the
+    model, or weights that cannot be had (offline and not cached).
+    """
+    name, sep, tag = spec.partition("/")
+    if not sep or not name or not tag:
+        raise ValueError(f"--clip expects 'MODEL/TAG', e.g. 'ViT-B-16/openai'; got {spec!r}")
+    import open_clip
+
+    try:
+        clip = open_clip.create_model(name, pretrained=tag, device="cpu")
+    except Exception as err:  # network, cache and registry errors all end here
+        raise ValueError(
+            f"cannot load the open_clip model {name!r} with pretrained weights {tag!r}: "
+            f"{type(err).__name__}: {err}. The weights are downloaded on first use; offline "
+            "they must already be in the open_clip / Hugging Face cache."
+        ) from err
+    model = deop_model(segmenter)
+    device = next(model.parameters()).device
+    model.load_clip_weights(clip.to(device))
+    return segmenter
+
+
+def clip_input_size(config) -> int:
+    """CLIP's native image side from the model config (224 for ViT-B/16)."""
+    size = config.clip.model_cfg.get("vision_cfg", {}).get("image_size", 224)
+    return int(size[0] if isinstance(size, list | tuple) else size)
+
+
+# ----------------------------------------------------------------------------- stage model
+
+
+class StageModel(nn.Module):
+    """A DeOP model as one training stage sees it.
+
+    The model's parts are registered here under their own names, so parameter names,
+    lr-multiplier prefixes and checkpoint keys are the model's (``proposals.backbone.*``,
+    ``anchors.*``); a stage adds its own modules next to them. Only parameters under a
+    ``trainable`` prefix get gradients. A part with no trainable parameter stays in eval
+    mode whatever ``train()`` is told: the engine calls ``model.train()``, and a frozen
+    network's BatchNorm statistics and dropout must not change.
+
+    ``forward(images (B, 3, S, S) in [0, 1], targets) -> {"loss": scalar, **terms}``.
+    """
+
+    def __init__(self, model: nn.Module, trainable: Sequence[str]):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, param in model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        # The model itself is not a submodule (its parts are, above): calling it runs
+        # the shared parts, and the state dict has no duplicated "model." copies.
+        object.__setattr__(self, "model", model)
+        self.trainable_prefixes = tuple(trainable)
+        for name, param in model.named_parameters():
+            param.requires_grad_(_under(name, self.trainable_prefixes))
+
+    def frozen_parts(self) -> list[str]:
+        """Names of the model's parts whose parameters are all frozen."""
+        out = []
+        for name, child in self.model.named_children():
+            params = list(child.parameters())
+            if params and not any(p.requires_grad for p in params):
+                out.append(name)
+        return out
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen_parts():
+            getattr(self, name).eval()
+        return self
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def stage_loss(model: nn.Module, batch: dict) -> dict:
+    """The engine's ``loss_fn``: stage models compute their loss in ``forward``."""
+    return model(batch["image"], batch["label"] if "label" in batch else batch["class_id"])
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_stage(
+    stage: str,
+    stage_model: StageModel,
+    dataset: Any,
+    config: TrainConfig,
+    *,
+    sample_transform,
+    resume: bool | str | os.PathLike,
+    record: dict[str, Any],
+) -> Trainer:
+    """Train ``stage_model`` with the engine; its run goes to ``output_dir/training``."""
+    run_config = dataclasses.replace(config, output_dir=str(Path(config.output_dir) / RUN_DIR))
+    trainer = Trainer(
+        stage_model,
+        stage_loss,
+        dataset,
+        run_config,
+        collate_fn=collate,
+        sample_transform=sample_transform,
+    )
+    run_dir = Path(run_config.output_dir)
+    refused = not resume and list_checkpoints(run_dir)  # fit() raises; keep that run's record
+    if trainer.dist.is_main and not refused:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        payload = {"stage": stage, **record}
+        (run_dir / STAGE_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    trainer.fit(resume=resume)
+    return trainer
+
+
+def finish(model: nn.Module, trainer: Trainer, output_dir: str | os.PathLike) -> Segmenter:
+    """Wrap the trained model; rank 0 writes ``config.json`` + ``model.safetensors``."""
+    segmenter = Segmenter(model, device=trainer.device)
+    if trainer.dist.is_main:
+        segmenter.save_pretrained(output_dir)
+    barrier()
+    return segmenter
+
+
+class restore_requires_grad:
+    """Context manager: put every parameter's ``requires_grad`` back as it was."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(self.flags.get(name, True))
+
+
+def seeded_init(seed: int, what: str) -> None:
+    """Seed torch before creating a stage's new parameters (same values on every rank)."""
+    torch.manual_seed(derive_seed(seed, what))
+
+
+def rebuild(model: nn.Module, config) -> nn.Module:
+    """A model built from ``config`` holding every weight of ``model`` that still fits."""
+    new = build_model(config)
+    new_state = new.state_dict()
+    old_state = model.state_dict()
+    carried = {
+        k: v for k, v in old_state.items() if k in new_state and v.shape == new_state[k].shape
+    }
+    new.load_state_dict(carried, strict=False)
+    dropped = sorted(set(old_state) - set(carried))
+    if dropped:
+        logger.warning(
+            "rebuilding the model dropped %d weights, e.g. %s", len(dropped), dropped[:3]
+        )
+    return new.to(next(model.parameters()).device)
