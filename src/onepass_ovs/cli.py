@@ -8,7 +8,9 @@ from pathlib import Path
 
 import typer
 
-DEFAULT_MODEL = "demo"
+# Training-free ViT-B/16 CLIP: works on any vocabulary without a trained head. Offline and
+# not cached, loading it fails with a message pointing at `--model demo`.
+DEFAULT_MODEL = "clip:ViT-B-16/openai"
 
 segment_app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -27,7 +29,8 @@ def segment(
     ),
     model: str = typer.Option(
         DEFAULT_MODEL, "--model", "-m",
-        help="Preset name, local folder, 'hf-hub:org/repo[@rev]' or 'clip:<model>/<tag>'.",
+        help="Preset name, local folder, 'hf-hub:org/repo[@rev]' or 'clip:<model>/<tag>' "
+        "(training-free open_clip ViT, e.g. clip:ViT-B-16/openai).",
     ),
     output_dir: Path = typer.Option(Path("."), "--output-dir", "-o", help="Where outputs go."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write <stem>_overlay.jpg."),
@@ -36,6 +39,16 @@ def segment(
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per forward pass."),
     unknown_threshold: float = typer.Option(
         None, "--unknown-threshold", help="Pixels less likely than this become 'unknown' (-1)."
+    ),
+    background: str = typer.Option(
+        None, "--background",
+        help="The class meaning 'none of the others' (its synonyms are summed); pixels below "
+        "--unknown-threshold get it instead of 'unknown'.",
+    ),
+    size: str = typer.Option(
+        None, "--size",
+        help="Working resolution: short side in pixels, or 'original' (large images are "
+        "processed in sliding windows).",
     ),
 ) -> None:
     """Segment IMAGE_OR_DIR... against the given classes; writes <stem>_labels.png each."""
@@ -57,6 +70,11 @@ def segment(
         images = list_image_files(files_or_dirs)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
+    working_size = None
+    if size is not None:
+        if size != "original" and not (size.isdigit() and int(size) > 0):
+            _fail(f"--size must be a positive number of pixels or 'original', got {size!r}")
+        working_size = size if size == "original" else int(size)
     try:
         seg = Segmenter.from_pretrained(model, device=device)
     except ModelNotAvailableError as err:
@@ -75,7 +93,8 @@ def segment(
             try:
                 results = seg.segment(
                     paths, vocabulary, batch_size=batch_size,
-                    unknown_threshold=unknown_threshold, progress=False,
+                    unknown_threshold=unknown_threshold, background=background,
+                    size=working_size, progress=False,
                 )
             except (ValueError, TypeError, OSError) as err:
                 _fail(str(err))

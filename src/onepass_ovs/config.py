@@ -32,6 +32,12 @@ class PreprocessConfig:
     ``max_long_side``), normalised, then zero-padded (in normalised space) to a multiple
     of ``pad_multiple``. The proposal stream and the CLIP stream may use different
     normalisations (DeOP's reference feeds both the ImageNet-normalised tensor).
+
+    Images whose padded working size exceeds ``window`` on either side are segmented in
+    overlapping ``window`` x ``window`` tiles ``window_stride`` apart (0: 3/4 of the window),
+    their class scores blended (``window_blend``: "linear" ramps across overlaps, "mean"
+    averages); ``window = 0`` always runs one pass. Both are rounded down to multiples of
+    ``pad_multiple``.
     """
 
     short_side: int = 512
@@ -42,6 +48,9 @@ class PreprocessConfig:
     clip_mean: tuple[float, ...] = CLIP_MEAN
     clip_std: tuple[float, ...] = CLIP_STD
     interpolation: str = "bilinear"
+    window: int = 1024
+    window_stride: int = 0
+    window_blend: str = "linear"
 
 
 @dataclass
@@ -62,6 +71,9 @@ class ClipConfig:
     learned_pos_blocks: tuple[int, ...] = (1, 2, 3, 4, 5)
     severance: str = "weighted"
     severance_blocks: tuple[int, ...] = (11,)
+    # CLIP's logit scale (1 / temperature) for the training-free family's dense classifier;
+    # loading a checkpoint stores its own learned value here (100 for OpenAI's ViTs).
+    logit_scale: float = 100.0
 
 
 @dataclass

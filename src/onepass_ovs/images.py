@@ -1,4 +1,5 @@
-"""Image inputs: coercion of every accepted type to RGB, and the resize/pad policy.
+"""Image inputs: coercion of every accepted type to RGB, the resize/pad policy, and the
+layout and blending weights of sliding windows over large images.
 
 Accepted images (colour order is never guessed):
 
@@ -157,8 +158,13 @@ def resized_size(
 
     Default: short side -> ``config.short_side``, long side capped at
     ``config.max_long_side`` (aspect ratio kept). ``size`` overrides it: an int sets the
-    short side, a (h, w) pair sets the exact size.
+    short side (still capped), a (h, w) pair sets the exact size, ``"original"`` keeps the
+    image's own size (sliding windows then bound the memory).
     """
+    if isinstance(size, str):
+        if size != "original":
+            raise ValueError(f"size must be an int, (h, w) or 'original', got {size!r}")
+        return height, width
     if size is not None and not isinstance(size, int):
         h, w = size
         if h <= 0 or w <= 0:
@@ -192,6 +198,50 @@ def prepare(image: torch.Tensor, config: PreprocessConfig, size=None) -> tuple[t
     if (hp, wp) != (h1, w1):
         image = F.pad(image, (0, wp - w1, 0, hp - h1))
     return image, Geometry((h0, w0), (h1, w1), (hp, wp))
+
+
+# -- sliding windows -----------------------------------------------------------------------
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Start offsets of windows covering [0, length): every ``stride``, the last one flush
+    with the end (so no window hangs over the canvas). One window when it fits."""
+    if window >= length:
+        return [0]
+    count = math.ceil((length - window) / stride) + 1
+    return sorted({min(i * stride, length - window) for i in range(count)})
+
+
+def window_boxes(
+    canvas: tuple[int, int], window: int, stride: int
+) -> list[tuple[int, int, int, int]]:
+    """(y0, x0, y1, x1) boxes of equal size tiling a (H, W) canvas, row-major.
+
+    Windows are ``window`` x ``window`` (clipped to the canvas), ``stride`` apart.
+    """
+    height, width = canvas
+    wh, ww = min(window, height), min(window, width)
+    return [
+        (y0, x0, y0 + wh, x0 + ww)
+        for y0 in window_starts(height, wh, stride)
+        for x0 in window_starts(width, ww, stride)
+    ]
+
+
+def blend_ramp(length: int, ramp: float, single: bool, mode: str = "linear") -> torch.Tensor:
+    """Per-cell blending weight (length,) along one side of a window.
+
+    ``linear``: rises from the window edge to 1 over ``ramp`` cells (the overlap with the
+    neighbour), so two overlapping windows cross-fade linearly instead of meeting at a
+    seam. ``mean`` (or a side with a single window, ``single``): all ones.
+    """
+    if mode not in ("linear", "mean"):
+        raise ValueError(f"window blending must be 'linear' or 'mean', got {mode!r}")
+    if mode == "mean" or single or ramp <= 0:
+        return torch.ones(length)
+    centre = torch.arange(length, dtype=torch.float64) + 0.5
+    weight = torch.minimum(centre, length - centre) / ramp
+    return weight.clamp_(max=1.0).float()
 
 
 def list_image_files(paths) -> list[Path]:

@@ -14,6 +14,7 @@ from .images import Geometry
 UNKNOWN = -1
 _EPS = 1e-8
 _CLASS_CHUNK = 64  # classes resized at once: bounds memory for huge vocabularies
+_BAND_BYTES = 32 * 2**20  # rows of the full-size maps made at once: bounds memory for huge images
 
 
 def palette(num_colours: int = 256) -> np.ndarray:
@@ -48,15 +49,77 @@ def upsample_scores(scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     return x[0]
 
 
+def _linear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices (i0, i1) and weight of i1 for 1-D linear resizing, align_corners=False
+    (the sampling of ``F.interpolate(mode="bilinear")``)."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    return i0, i1, src - i0
+
+
+def _axis_taps(n_in: int, n_pad: int, n_valid: int, n_out: int):
+    """One axis of :func:`upsample_scores` as 4 taps per output cell.
+
+    Resize n_in -> n_pad, keep the first n_valid, resize n_valid -> n_out. Returns indices
+    into the n_in input cells (n_out, 4) and their weights (n_out, 4).
+    """
+    if n_in != n_pad:
+        a0, a1, wa = _linear_taps(n_in, n_pad)
+    else:
+        a0 = a1 = torch.arange(n_in)
+        wa = torch.zeros(n_in, dtype=torch.float64)
+    if n_valid != n_out:
+        b0, b1, wb = _linear_taps(n_valid, n_out)
+    else:
+        b0 = b1 = torch.arange(n_out)
+        wb = torch.zeros(n_out, dtype=torch.float64)
+    index = torch.stack([a0[b0], a1[b0], a0[b1], a1[b1]], 1)
+    weight = torch.stack(
+        [(1 - wa[b0]) * (1 - wb), wa[b0] * (1 - wb), (1 - wa[b1]) * wb, wa[b1] * wb], 1
+    )
+    return index, weight.float()
+
+
+class _RowUpsampler:
+    """:func:`upsample_scores`, one band of output rows at a time.
+
+    Bilinear resizing is separable: each output row mixes at most 4 input rows, and each
+    output column 4 input columns, so a band of full-size rows costs only its own memory.
+    """
+
+    def __init__(self, shape: tuple[int, int], geometry: Geometry):
+        (h, w), (hp, wp), (h1, w1), (h0, w0) = (
+            shape, geometry.padded, geometry.resized, geometry.original
+        )
+        self.rows_index, self.rows_weight = _axis_taps(h, hp, h1, h0)
+        self.cols_index, self.cols_weight = _axis_taps(w, wp, w1, w0)
+
+    def rows(self, scores: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """(C, h, w) low-resolution scores -> rows [start, stop) of the (C, H0, W0) map."""
+        index, weight = self.rows_index[start:stop], self.rows_weight[start:stop]
+        band = sum(scores[:, index[:, t]] * weight[:, t, None] for t in range(4))
+        index, weight = self.cols_index, self.cols_weight
+        return sum(band[:, :, index[:, t]] * weight[:, t] for t in range(4))
+
+
+def _band_rows(channels: int, width: int) -> int:
+    return max(1, _BAND_BYTES // (4 * max(1, channels) * max(1, width)))
+
+
 class SegmentationResult:
     """The segmentation of one image.
 
+    Only the low-resolution scores are kept; full-size maps are made band by band, so a
+    large photo costs its (H, W) label map plus a bounded working buffer.
+
     Attributes:
         label_map: (H, W) int32 class indices into ``classes`` at the input's size;
-            -1 marks "unknown" (only with ``unknown_threshold``).
+            -1 marks "unknown" (only with ``unknown_threshold``; with a background class
+            those pixels get its index instead).
         classes: the vocabulary as given, order kept.
         probs: (K, H, W) float32 class probabilities (summing to 1 per pixel), computed on
-            first access.
+            first access (K full-size maps: 24 MB per class for a 3000 x 2000 image).
     """
 
     def __init__(
@@ -65,14 +128,24 @@ class SegmentationResult:
         classes: list[str],
         geometry: Geometry,
         unknown_threshold: float | None = None,
+        unknown_label: int = UNKNOWN,
     ):
-        """scores: (K, h, w) non-negative class scores on the padded canvas."""
+        """scores: (K, h, w) non-negative class scores on the padded canvas (any h, w).
+
+        ``unknown_label``: the label of pixels below ``unknown_threshold`` (-1, or the
+        index of a background class).
+        """
         if scores.shape[0] != len(classes):
             raise ValueError(f"{scores.shape[0]} score maps for {len(classes)} classes")
+        if not UNKNOWN <= unknown_label < len(classes):
+            raise ValueError(f"unknown_label {unknown_label} is not -1 or a class index")
         self._scores = scores.detach().float().cpu().clamp_min(0.0)
         self.classes = list(classes)
         self.geometry = geometry
         self.unknown_threshold = unknown_threshold
+        self.unknown_label = unknown_label
+        self._upsampler = _RowUpsampler(tuple(self._scores.shape[-2:]), geometry)
+        self._total = self._scores.sum(0, keepdim=True)
         self.label_map = self._label_map()
 
     @property
@@ -81,32 +154,46 @@ class SegmentationResult:
         return self.geometry.original
 
     def _label_map(self) -> np.ndarray:
-        best_score = best_index = None
         k = len(self.classes)
-        for start in range(0, k, _CLASS_CHUNK):
-            up = upsample_scores(self._scores[start : start + _CLASS_CHUNK], self.geometry)
-            value, index = up.max(0)
-            if best_score is None:
-                best_score, best_index = value, index
-            else:
-                better = value > best_score
-                best_score = torch.where(better, value, best_score)
-                best_index = torch.where(better, index + start, best_index)
-        labels = best_index.to(torch.int32)
-        if self.unknown_threshold is not None:
-            total = upsample_scores(self._scores.sum(0, keepdim=True), self.geometry)[0]
-            best_prob = (best_score + _EPS) / (total + k * _EPS)
-            labels[best_prob < self.unknown_threshold] = UNKNOWN
-        return labels.numpy()
+        h0, w0 = self.size
+        labels = np.empty((h0, w0), dtype=np.int32)
+        step = _band_rows(min(k, _CLASS_CHUNK), w0)
+        for top in range(0, h0, step):
+            bottom = min(top + step, h0)
+            best_score = best_index = None
+            for start in range(0, k, _CLASS_CHUNK):
+                up = self._upsampler.rows(self._scores[start : start + _CLASS_CHUNK], top, bottom)
+                value, index = up.max(0)
+                if best_score is None:
+                    best_score, best_index = value, index
+                else:
+                    better = value > best_score
+                    best_score = torch.where(better, value, best_score)
+                    best_index = torch.where(better, index + start, best_index)
+            band = best_index.to(torch.int32)
+            if self.unknown_threshold is not None:
+                total = self._upsampler.rows(self._total, top, bottom)[0]
+                best_prob = (best_score + _EPS) / (total + k * _EPS)
+                band[best_prob < self.unknown_threshold] = self.unknown_label
+            labels[top:bottom] = band.numpy()
+        return labels
 
     @cached_property
     def probs(self) -> np.ndarray:
         """(K, H, W) float32 probabilities: scores normalised over classes."""
         k = len(self.classes)
-        up = upsample_scores(self._scores, self.geometry)
-        # the same total as the label map's unknown test, so thresholds agree exactly
-        total = upsample_scores(self._scores.sum(0, keepdim=True), self.geometry)
-        return ((up + _EPS) / (total + k * _EPS)).numpy().astype(np.float32)
+        h0, w0 = self.size
+        out = np.empty((k, h0, w0), dtype=np.float32)
+        step = _band_rows(min(k, _CLASS_CHUNK), w0)
+        for top in range(0, h0, step):
+            bottom = min(top + step, h0)
+            # the same total as the label map's unknown test, so thresholds agree exactly
+            total = self._upsampler.rows(self._total, top, bottom)
+            for start in range(0, k, _CLASS_CHUNK):
+                up = self._upsampler.rows(self._scores[start : start + _CLASS_CHUNK], top, bottom)
+                probs = (up + _EPS) / (total + k * _EPS)
+                out[start : start + _CLASS_CHUNK, top:bottom] = probs.numpy()
+        return out
 
     def masks(self) -> dict[str, np.ndarray]:
         """{class name: (H, W) bool} for every class present in the label map."""

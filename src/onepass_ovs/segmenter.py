@@ -7,23 +7,40 @@ Every family's model exposes the same small interface:
 - ``model.predict_scores(images, text_embeddings, image_sizes) -> (B, K, h, w)``
   non-negative class scores on the padded canvas (any stride).
 
-so the Segmenter stays family-agnostic.
+so the Segmenter stays family-agnostic. Families that can classify external masks also
+have ``encode_image(images, image_sizes, masks) -> (B, E, h, w)`` and
+``mask_scores(dense, masks, text_embeddings) -> (K, h', w')`` (the ``clip`` family).
+
+Large images are segmented in overlapping windows whose scores are blended (see
+:meth:`Segmenter.segment`), so memory stays bounded whatever the working size.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, preset_config
 from .hub import CONFIG_NAME, WEIGHTS_NAME, load_weights, resolve_model_dir, save_weights
-from .images import Geometry, prepare, to_tensor
-from .result import SegmentationResult
+from .images import Geometry, blend_ramp, prepare, to_tensor, window_boxes, window_starts
+from .result import UNKNOWN, SegmentationResult
 from .text import parse_vocabulary
+
+# Bounds the masks painted at once (M masks + K class maps on the canvas); beyond it the
+# masks are painted at a coarser stride.
+_MASK_PAINT_BYTES = 256 * 2**20
+# Bounds the full-size user masks resized at once.
+_MASK_CHUNK_BYTES = 128 * 2**20
+# Windows of one image run together up to batch_size, but at most about this many pixels
+# per pass: a 1024 x 1024 DeOP window alone takes ~1.3 GB of activations on CPU.
+_WINDOW_PIXELS_PER_PASS = 1024 * 1024
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -32,6 +49,10 @@ def build_model(config: ModelConfig) -> nn.Module:
         from .models.deop import DeOP
 
         return DeOP(config)
+    if config.family == "clip":
+        from .models.training_free import TrainingFreeCLIP
+
+        return TrainingFreeCLIP(config)
     raise ValueError(f"no model for family {config.family!r}")
 
 
@@ -57,6 +78,18 @@ def _is_batch(images) -> bool:
     if isinstance(images, (list, tuple)):
         return True
     return isinstance(images, torch.Tensor) and images.ndim == 4
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """Sliding-window layout in working-resolution pixels (multiples of the pad multiple)."""
+
+    window: int
+    stride: int
+    blend: str
+
+    def needed(self, padded: tuple[int, int]) -> bool:
+        return padded[0] > self.window or padded[1] > self.window
 
 
 class Segmenter:
@@ -121,6 +154,54 @@ class Segmenter:
         load_weights(model, folder / WEIGHTS_NAME)
         return cls(model, device=device, dtype=dtype)
 
+    @classmethod
+    def from_clip(
+        cls,
+        model_name: str,
+        pretrained: str | None = None,
+        *,
+        device=None,
+        dtype=None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        severance: str = "clearclip",
+        templates: str | Sequence[str] = "imagenet80",
+        logit_scale: float | None = None,
+    ):
+        """A training-free segmenter from any open_clip ViT: one CLIP pass, dense classification.
+
+        ``model_name`` (the ``clip:`` prefix is optional):
+
+        - ``"ViT-B-16/openai"`` or ``"ViT-B-16"`` with ``pretrained="openai"``: an open_clip
+          architecture and pretrained tag (the tag also fixes details such as QuickGELU);
+        - ``"hf-hub:org/repo[@rev]"``: an open_clip Hub repo (``open_clip_config.json`` +
+          ``open_clip_model.safetensors``);
+        - ``"local-dir:/path"`` or a folder with ``open_clip_config.json``;
+        - ``"demo"`` or a saved onepass folder: the CLIP inside that model.
+
+        ``severance``: the last block's variant, ``"clearclip"`` (default), ``"identity"``,
+        ``"mask-guided"`` (needs ``segment(..., masks=...)``) or ``"none"``.
+        ``templates``: ``"imagenet80"`` (default), ``"single"`` or a list of ``"... {} ..."``.
+        ``logit_scale``: softmax scale over classes (1 / temperature); default: CLIP's own.
+
+        Weights are safetensors only, fetched and cached by huggingface_hub (``revision``,
+        ``cache_dir``, ``HF_HUB_OFFLINE`` and ``local_files_only`` honoured); offline and not
+        cached raises :class:`~onepass_ovs.hub.ModelNotAvailableError`.
+        """
+        from .hub import resolve_clip
+        from .models.training_free import load_training_free
+
+        source = resolve_clip(
+            model_name, pretrained, revision=revision, cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+        templates = templates if isinstance(templates, str) else list(templates)
+        model = load_training_free(
+            source, severance=severance, templates=templates, logit_scale=logit_scale
+        )
+        return cls(model, device=device, dtype=dtype)
+
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (nothing else) into ``directory``."""
         directory = Path(directory)
@@ -150,20 +231,44 @@ class Segmenter:
         vocabulary: Sequence[str],
         *,
         unknown_threshold: float | None = None,
+        background: str | None = None,
+        masks=None,
         size=None,
+        sliding_window=None,
         batch_size: int = 4,
         image_format: str = "RGB",
         progress: bool | None = None,
     ):
         """Segment one image (-> SegmentationResult) or a list / (B, 3, H, W) batch (-> list).
 
+        Resize policy: each image is resized so its short side is ``config.preprocess.
+        short_side`` (long side capped at ``max_long_side``), then zero-padded to a multiple
+        of ``pad_multiple``. If that working image is larger than ``config.preprocess.
+        window`` on a side, it is segmented in overlapping windows whose class scores are
+        blended (linear cross-fade over the overlaps), so memory is bounded by the window,
+        not the image. The label map always comes back at the input's full size.
+
         Args:
             images: a path, PIL image, numpy (H, W, 3) array, (3, H, W) tensor, or a list of
                 them / a (B, 3, H, W) tensor. See :mod:`onepass_ovs.images`.
             vocabulary: class names; ``"a, b"`` gives one class two synonyms.
-            unknown_threshold: pixels whose best class probability is below it get -1.
-            size: override the resize policy: an int short side or an exact (h, w).
-            batch_size: images per forward pass (images of equal working size are batched).
+            unknown_threshold: pixels whose best class probability is below it get -1 (or
+                the ``background`` class).
+            background: the vocabulary entry that stands for "none of the others". Its
+                synonyms are scored one by one and their probabilities summed ("background,
+                sky, wall" = any of them) instead of averaging their embeddings, and pixels
+                below ``unknown_threshold`` get it instead of -1.
+            masks: external region masks (``clip`` family): per image an (M, H, W) bool or
+                [0, 1] float array/tensor at the image's size (a list of them for a list of
+                images). Each mask is classified by its average CLIP feature and painted;
+                overlaps average the masks' class distributions, uncovered pixels keep the
+                dense per-pixel classification.
+            size: override the resize policy: an int short side, an exact (h, w), or
+                ``"original"`` (work at the image's own size; windows bound the memory).
+            sliding_window: None (the config's windows), False (always one pass), an int
+                window side (stride 3/4 of it) or a (window, stride) pair, in working pixels.
+            batch_size: images per forward pass; windows of one image are batched too,
+                up to about a megapixel per pass.
             image_format: "RGB" or "BGR" for numpy/tensor inputs.
             progress: show a progress bar (default: for more than 8 images).
         """
@@ -172,22 +277,46 @@ class Segmenter:
         if unknown_threshold is not None and not 0.0 <= unknown_threshold <= 1.0:
             raise ValueError(f"unknown_threshold must be in [0, 1], got {unknown_threshold}")
         classes = list(vocabulary) if not isinstance(vocabulary, str) else vocabulary
-        parse_vocabulary(classes)  # validate before any image work
+        synonyms = parse_vocabulary(classes)  # validate before any image work
+        background_index = _background_index(classes, synonyms, background)
+        windows = self._windows(sliding_window)
         many = _is_batch(images)
         inputs = list(images) if isinstance(images, (list, tuple)) else [images]
         if many and not inputs:
             return []
-        text = self.encode_text(classes).to(self.device)
+        mask_list = self._mask_list(masks, many, inputs)
+
+        entries, num_background = classes, 0
+        if background_index is not None:
+            # the background's synonyms become separate rows, summed after scoring
+            entries = [c for i, c in enumerate(classes) if i != background_index]
+            entries += list(synonyms[background_index])
+            num_background = len(synonyms[background_index])
+        text = self.encode_text(entries).to(self.device)
+        unknown_label = UNKNOWN if background_index is None else background_index
 
         results: list[SegmentationResult] = []
+        done = 0
         bar = _progress(len(inputs), progress)
         try:
             for start in range(0, len(inputs), batch_size):
                 chunk: list[torch.Tensor] = []
                 for item in inputs[start : start + batch_size]:
                     chunk.extend(to_tensor(item, image_format))
-                for scores, geometry in self._predict(chunk, text, size, batch_size):
-                    results.append(SegmentationResult(scores, classes, geometry, unknown_threshold))
+                chunk_masks = None
+                if mask_list is not None:
+                    chunk_masks = mask_list[done : done + len(chunk)]
+                done += len(chunk)
+                for scores, geometry in self._predict(
+                    chunk, text, size, batch_size, windows, chunk_masks
+                ):
+                    if background_index is not None:
+                        scores = _merge_background(scores, background_index, num_background)
+                    results.append(
+                        SegmentationResult(
+                            scores, classes, geometry, unknown_threshold, unknown_label
+                        )
+                    )
                 if bar is not None:
                     bar.update(min(batch_size, len(inputs) - start))
         finally:
@@ -195,13 +324,81 @@ class Segmenter:
                 bar.close()
         return results if many else results[0]
 
-    def _predict(self, images: list[torch.Tensor], text: torch.Tensor, size, batch_size: int):
+    def _windows(self, sliding_window) -> _Windows | None:
+        """The window layout asked for (None: one pass), rounded to the pad multiple."""
+        pre = self.config.preprocess
+        multiple = pre.pad_multiple
+        if sliding_window is None or sliding_window is True:
+            window, stride = pre.window, pre.window_stride
+            if window <= 0:
+                if sliding_window is True:
+                    raise ValueError(
+                        "this model's config sets no window: pass sliding_window=<window side>"
+                    )
+                return None
+        elif sliding_window is False:
+            return None
+        elif isinstance(sliding_window, int):
+            window, stride = sliding_window, 0
+        elif isinstance(sliding_window, (tuple, list)) and len(sliding_window) == 2:
+            window, stride = (int(v) for v in sliding_window)
+        else:
+            raise TypeError(
+                "sliding_window must be None, a bool, an int window or a (window, stride) pair, "
+                f"got {sliding_window!r}"
+            )
+        if window <= 0 or stride < 0:
+            raise ValueError(f"sliding window sizes must be positive, got {sliding_window!r}")
+        window = max(multiple, window // multiple * multiple)
+        stride = stride or window * 3 // 4
+        stride = min(window, max(multiple, stride // multiple * multiple))
+        return _Windows(window, stride, pre.window_blend)
+
+    def _mask_list(self, masks, many: bool, inputs: list) -> list | None:
+        if masks is None:
+            return None
+        if not hasattr(self.model, "mask_scores"):
+            raise ValueError(
+                f"masks= needs a model that classifies masks (the 'clip' family); this is "
+                f"{self.config.family!r}"
+            )
+        if not many:
+            return [masks]
+        count = sum(
+            item.shape[0] if isinstance(item, torch.Tensor) and item.ndim == 4 else 1
+            for item in inputs
+        )
+        mask_list = list(masks) if not isinstance(masks, torch.Tensor) else list(masks.unbind(0))
+        if len(mask_list) != count:
+            raise ValueError(f"got masks for {len(mask_list)} images but {count} images")
+        return mask_list
+
+    def _predict(
+        self,
+        images: list[torch.Tensor],
+        text: torch.Tensor,
+        size,
+        batch_size: int,
+        windows: _Windows | None = None,
+        masks: list | None = None,
+    ):
         """Yield (scores (K, h, w), Geometry) per image, in order."""
         prepared = [prepare(img, self.config.preprocess, size) for img in images]
         out: list = [None] * len(prepared)
         groups: dict[tuple[int, int], list[int]] = {}
-        for index, (_, geometry) in enumerate(prepared):
-            groups.setdefault(geometry.padded, []).append(index)
+        for index, (canvas, geometry) in enumerate(prepared):
+            if masks is not None:
+                image_masks = _as_masks(masks[index], geometry.original, index)
+                scores = self._mask_scores(canvas, geometry, image_masks, text, windows, batch_size)
+                out[index] = (scores, geometry)
+            elif windows is not None and windows.needed(geometry.padded):
+                scores = self._slide(
+                    lambda batch, sizes, boxes: self.predict_scores(batch, text, sizes),
+                    canvas, geometry, windows, batch_size,
+                )
+                out[index] = (scores, geometry)
+            else:
+                groups.setdefault(geometry.padded, []).append(index)
         for indices in groups.values():
             for start in range(0, len(indices), batch_size):
                 batch_ids = indices[start : start + batch_size]
@@ -212,6 +409,82 @@ class Segmenter:
                     out[i] = (s, prepared[i][1])
         yield from out
 
+    def _slide(self, run, canvas: torch.Tensor, geometry: Geometry, windows: _Windows, batch_size):
+        """Run ``run(batch, valid_sizes, boxes) -> (b, C, h, w)`` on overlapping windows of a
+        (3, Hp, Wp) canvas and blend the outputs -> (C, Hp / s, Wp / s), s the output stride.
+
+        Each window's output is weighted by a ramp across its overlaps (``blend_ramp``) and
+        the sum is divided by the summed weights, so a pixel seen by one window keeps that
+        window's value exactly, and a single window reproduces the one-pass result.
+        """
+        multiple = self.config.preprocess.pad_multiple
+        (hp, wp), (h1, w1) = geometry.padded, geometry.resized
+        boxes = window_boxes((hp, wp), windows.window, windows.stride)
+        y0, x0, y1, x1 = boxes[0]
+        per_pass = max(1, min(batch_size, _WINDOW_PIXELS_PER_PASS // ((y1 - y0) * (x1 - x0))))
+        total = weights = weight = None
+        for start in range(0, len(boxes), per_pass):
+            chunk = boxes[start : start + per_pass]
+            batch = torch.stack([canvas[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
+            # the valid (unpadded) part of each window: windows never lie wholly in padding
+            sizes = [(min(h1 - y0, y1 - y0), min(w1 - x0, x1 - x0)) for y0, x0, y1, x1 in chunk]
+            out = run(batch, sizes, chunk).float().cpu()
+            if total is None:
+                wh, ww = chunk[0][2] - chunk[0][0], chunk[0][3] - chunk[0][1]
+                oh, ow = out.shape[-2:]
+                sy, sx = _output_stride(wh, oh, multiple), _output_stride(ww, ow, multiple)
+                overlap = windows.window - windows.stride
+                ramp_y = blend_ramp(
+                    oh, overlap / sy, len(window_starts(hp, wh, windows.stride)) == 1, windows.blend
+                )
+                ramp_x = blend_ramp(
+                    ow, overlap / sx, len(window_starts(wp, ww, windows.stride)) == 1, windows.blend
+                )
+                weight = ramp_y[:, None] * ramp_x[None, :]
+                total = torch.zeros(out.shape[1], hp // sy, wp // sx)
+                weights = torch.zeros(hp // sy, wp // sx)
+            for (y0, x0, _, _), item in zip(chunk, out, strict=True):
+                rows = slice(y0 // sy, y0 // sy + oh)
+                cols = slice(x0 // sx, x0 // sx + ow)
+                total[:, rows, cols] += item * weight
+                weights[rows, cols] += weight
+        return total / weights
+
+    def _mask_scores(
+        self,
+        canvas: torch.Tensor,
+        geometry: Geometry,
+        masks: torch.Tensor,
+        text: torch.Tensor,
+        windows: _Windows | None,
+        batch_size: int,
+    ) -> torch.Tensor:
+        """One image with external masks (M, H0, W0) -> painted scores (K, Hp / s, Wp / s)."""
+        model = self.model
+        hp, wp = geometry.padded
+        multiple = self.config.preprocess.pad_multiple
+        stride = _paint_stride(hp, wp, masks.shape[0] + text.shape[0], multiple)
+        canvas_masks = _masks_on_canvas(masks, geometry, stride)  # (M, Hp / s, Wp / s)
+
+        def features(batch, sizes, boxes):
+            batch = batch.to(device=self.device, dtype=self.dtype)
+            crops = None
+            if model.needs_masks:
+                crops = torch.stack(
+                    [canvas_masks[:, y0 // stride : y1 // stride, x0 // stride : x1 // stride]
+                     for y0, x0, y1, x1 in boxes]
+                ).to(self.device)
+            return model.encode_image(batch, sizes, crops).float().cpu()
+
+        if windows is not None and windows.needed(geometry.padded):
+            # blending averages unit vectors; re-normalise so cosines stay cosines
+            dense = F.normalize(self._slide(features, canvas, geometry, windows, batch_size), dim=0)
+        else:
+            dense = features(canvas[None], [geometry.resized], [(0, 0, hp, wp)])[0]
+        scores = model.mask_scores(dense.to(self.device), canvas_masks.to(self.device), text)
+        return scores.float().cpu()
+
+    @torch.inference_mode()
     def predict_scores(self, batch: torch.Tensor, text: torch.Tensor, sizes) -> torch.Tensor:
         """(B, 3, Hp, Wp) padded [0, 1] images -> (B, K, h, w) class scores (CPU float)."""
         batch = batch.to(device=self.device, dtype=self.dtype)
@@ -221,6 +494,98 @@ class Segmenter:
     def __repr__(self) -> str:
         cfg = self.config
         return f"Segmenter(family={cfg.family!r}, name={cfg.name!r}, device={self.device})"
+
+
+def _background_index(classes: list[str], synonyms, background: str | None) -> int | None:
+    """Index of the vocabulary entry named by ``background`` (an entry or one of its names)."""
+    if background is None:
+        return None
+    if not isinstance(background, str):
+        raise TypeError(f"background must be a class name, got {type(background).__name__}")
+    key = " ".join(background.split()).lower()
+    for index, (entry, names) in enumerate(zip(classes, synonyms, strict=True)):
+        if key == " ".join(entry.split()).lower() or key in (n.lower() for n in names):
+            return index
+    raise ValueError(
+        f"background {background!r} is not in the vocabulary {classes}: add it as a class, "
+        "e.g. 'background' or 'background, sky, wall, floor'"
+    )
+
+
+def _merge_background(scores: torch.Tensor, index: int, count: int) -> torch.Tensor:
+    """(K - 1 + count, h, w) scores, background synonyms last -> (K, h, w), their sum at
+    ``index``: the probability of "any of the background names"."""
+    others, names = scores[: scores.shape[0] - count], scores[scores.shape[0] - count :]
+    return torch.cat([others[:index], names.sum(0, keepdim=True), others[index:]])
+
+
+def _output_stride(window: int, cells: int, multiple: int) -> int:
+    """Pixels per output cell; windows start at multiples of ``multiple``, so it must divide."""
+    stride = window // cells if cells else 0
+    if not stride or window % cells or multiple % stride:
+        raise ValueError(
+            f"sliding windows need a model output stride dividing the pad multiple {multiple}; "
+            f"a {window}-pixel window gave {cells} cells"
+        )
+    return stride
+
+
+def _as_masks(masks, image_size: tuple[int, int], index: int) -> torch.Tensor:
+    """One image's masks -> (M, H, W) tensor (bool, 0/1 integers or float in [0, 1])."""
+    if isinstance(masks, np.ndarray):
+        masks = torch.from_numpy(np.ascontiguousarray(masks))
+    if not isinstance(masks, torch.Tensor):
+        raise TypeError(
+            f"masks of image {index} must be a numpy array or tensor, got {type(masks).__name__}"
+        )
+    masks = masks.detach().cpu()
+    if masks.ndim == 2:
+        masks = masks[None]
+    if masks.ndim != 3 or tuple(masks.shape[-2:]) != tuple(image_size):
+        raise ValueError(
+            f"masks of image {index} must be (M, {image_size[0]}, {image_size[1]}) at the "
+            f"image's size, got {tuple(masks.shape)}"
+        )
+    if masks.dtype == torch.bool:
+        return masks
+    if masks.is_floating_point():
+        if masks.numel() and (masks.min() < 0 or masks.max() > 1):
+            raise ValueError(f"float masks of image {index} must lie in [0, 1]")
+        return masks
+    if masks.numel() and (masks.min() < 0 or masks.max() > 1):
+        raise ValueError(f"integer masks of image {index} must be 0/1; pass bool or float masks")
+    return masks
+
+
+def _paint_stride(height: int, width: int, planes: int, multiple: int) -> int:
+    """Coarsest-needed stride (a power of two dividing ``multiple``) to paint ``planes``
+    maps of the (height, width) canvas within the memory bound."""
+    stride = 1
+    while planes * (height // stride) * (width // stride) * 4 > _MASK_PAINT_BYTES and (
+        multiple % (2 * stride) == 0
+    ):
+        stride *= 2
+    return stride
+
+
+def _masks_on_canvas(masks: torch.Tensor, geometry: Geometry, stride: int) -> torch.Tensor:
+    """(M, H0, W0) masks at the image's size -> (M, Hp / stride, Wp / stride) float coverage
+    on the padded working canvas (zero in the padding)."""
+    (h0, w0), (h1, w1), (hp, wp) = geometry.original, geometry.resized, geometry.padded
+    out = torch.zeros(masks.shape[0], hp // stride, wp // stride)
+    chunk = max(1, _MASK_CHUNK_BYTES // (4 * (h0 * w0 + hp * wp)))
+    for start in range(0, masks.shape[0], chunk):
+        part = masks[start : start + chunk].float()[None]
+        if (h1, w1) != (h0, w0):
+            # antialiased: a downscaled mask keeps its area coverage instead of aliasing
+            part = F.interpolate(
+                part, size=(h1, w1), mode="bilinear", align_corners=False, antialias=True
+            ).clamp_(0, 1)
+        part = F.pad(part, (0, wp - w1, 0, hp - h1))
+        if stride > 1:
+            part = F.avg_pool2d(part, stride)
+        out[start : start + chunk] = part[0]
+    return out
 
 
 def _progress(total: int, progress: bool | None):
