@@ -92,9 +92,13 @@ class ProposalGenerator(nn.Module):
         self.decoder_norm = nn.LayerNorm(hidden)
         self.mask_embed = MLP(hidden, hidden, config.mask_dim, 3)
         self.class_embed = MLP(hidden, config.class_hidden, text_dim, 2)
+        self.backbone.to(memory_format=torch.channels_last)
+        self.pixel_decoder.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> dict:
-        features = self.backbone(images)
+        # channels-last convolutions are several times faster on CPU (oneDNN) and use tensor
+        # cores on CUDA; the weights are converted once in __init__
+        features = self.backbone(images.contiguous(memory_format=torch.channels_last))
         mask_features = self.pixel_decoder(features)
         top = self.input_proj(features[-1])
         b, c, h, w = top.shape

@@ -1,0 +1,87 @@
+"""The shapes-world table: seen / unseen mIoU, hIoU and images/s, all on the same fresh scenes.
+
+    python benchmarks/shapes.py --build runs/demo            # after toy.build --ablations
+    python benchmarks/shapes.py --build runs/demo --num 300 --markdown
+
+Rows (every one evaluated on the same freshly rendered scenes with all 31 names as the
+vocabulary; scenes come from a seed never used for training):
+
+- DeOP: the demo model (``<build>/model``)
+- DeOP trained without patch severance (``<build>/ablations/no_severance``)
+- DeOP with mask-average pooling instead of CAL (``<build>/ablations/mask_average``)
+- two-stream baseline: the demo's proposals, each cropped and classified by the tiny CLIP
+  (one CLIP pass per proposal), assembled like DeOP
+- training-free: one pass of the tiny CLIP with last-block severance, dense per-patch
+  classification (``clip:<build>/model``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--build", type=Path, required=True, help="output folder of toy.build")
+    parser.add_argument("--num", type=int, default=300, help="fresh evaluation scenes")
+    parser.add_argument("--seed", type=int, default=None, help="scene stream (default: the eval seed)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from onepass_ovs import Segmenter
+    from onepass_ovs.evaluation.evaluate import evaluate
+    from onepass_ovs.models.two_stream import TwoStreamBaseline
+    from onepass_ovs.toy import scenes
+    from onepass_ovs.toy.build import EVAL_SEED
+    from onepass_ovs.toy.export import export_folder
+    from onepass_ovs.training.data import FolderDataset
+
+    seed = EVAL_SEED + 1 if args.seed is None else args.seed  # fresh: not the build's eval set
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = FolderDataset(export_folder(Path(tmp) / "scenes", args.num, seed))
+        demo = Segmenter.from_pretrained(args.build / "model", device="cpu")
+        rows: dict[str, Segmenter] = {"DeOP (demo)": demo}
+        for name, label in (("no_severance", "DeOP without patch severance"),
+                            ("mask_average", "DeOP, mask-average pooling (no CAL)")):
+            folder = args.build / "ablations" / name
+            if folder.exists():
+                rows[label] = Segmenter.from_pretrained(folder, device="cpu")
+        rows["two-stream (crop + CLIP per proposal)"] = Segmenter(TwoStreamBaseline(demo.model), device="cpu")
+        if hasattr(Segmenter, "from_clip"):
+            rows["training-free (tiny CLIP, dense)"] = Segmenter.from_clip(f"clip:{args.build / 'model'}", device="cpu")
+
+        results = {}
+        for label, seg in rows.items():
+            metrics = evaluate(seg, dataset, unseen=list(scenes.UNSEEN_CLASSES),
+                               batch_size=args.batch_size, progress=False)
+            results[label] = metrics
+            print(f"{label}: seen {metrics['miou_seen']:.1f} unseen {metrics['miou_unseen']:.1f} "
+                  f"hIoU {metrics['hiou']:.1f} ({metrics['images_per_second']:.1f} img/s)", flush=True)
+
+    print()
+    print(f"# {args.num} fresh 128x128 scenes (seed {seed}), vocabulary = all 31 names, "
+          f"CPU threads={torch.get_num_threads()}")
+    print("| model | seen mIoU | unseen mIoU | hIoU | images/s |")
+    print("|---|---:|---:|---:|---:|")
+    for label, m in results.items():
+        print(f"| {label} | {m['miou_seen']:.1f} | {m['miou_unseen']:.1f} | {m['hiou']:.1f} | "
+              f"{m['images_per_second']:.1f} |")
+    deop = results["DeOP (demo)"]
+    two = results["two-stream (crop + CLIP per proposal)"]
+    print(f"\nDeOP vs two-stream: {deop['images_per_second'] / two['images_per_second']:.1f}x faster, "
+          f"hIoU {deop['hiou']:.1f} vs {two['hiou']:.1f}")
+    if not args.markdown:
+        print(json.dumps({k: {m: v[m] for m in ("miou_seen", "miou_unseen", "hiou", "images_per_second")}
+                          for k, v in results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
