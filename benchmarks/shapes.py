@@ -1,18 +1,18 @@
 """The shapes-world table: seen / unseen mIoU, hIoU and images/s, all on the same fresh scenes.
 
-    python benchmarks/shapes.py --build runs/demo            # after toy.build --ablations
-    python benchmarks/shapes.py --build runs/demo --num 300 --markdown
+    python benchmarks/shapes.py                                  # the shipped demo
+    python benchmarks/shapes.py --ablations runs/demo/ablations  # after toy.build --ablations
 
 Rows (every one evaluated on the same freshly rendered scenes with all 31 names as the
 vocabulary; scenes come from a seed never used for training):
 
-- DeOP: the demo model (``<build>/model``)
-- DeOP trained without patch severance (``<build>/ablations/no_severance``)
-- DeOP with mask-average pooling instead of CAL (``<build>/ablations/mask_average``)
+- DeOP: the demo model (``--model``, default the shipped ``demo``)
+- DeOP trained without patch severance (``<ablations>/no_severance``, if given)
+- DeOP with mask-average pooling instead of CAL (``<ablations>/mask_average``, if given)
 - two-stream baseline: the demo's proposals, each cropped and classified by the tiny CLIP
   (one CLIP pass per proposal), assembled like DeOP
 - training-free: one pass of the tiny CLIP with last-block severance, dense per-patch
-  classification (``clip:<build>/model``)
+  classification (``clip:<model>``)
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--build", type=Path, required=True, help="output folder of toy.build")
+    parser.add_argument("--model", default="demo", help="the DeOP model to evaluate")
+    parser.add_argument("--ablations", type=Path, default=None,
+                        help="folder with no_severance/ and mask_average/ models (toy.build)")
     parser.add_argument("--num", type=int, default=300, help="fresh evaluation scenes")
     parser.add_argument("--seed", type=int, default=None, help="scene stream (default: the eval seed)")
     parser.add_argument("--threads", type=int, default=2)
@@ -47,16 +49,17 @@ def main() -> None:
     seed = EVAL_SEED + 1 if args.seed is None else args.seed  # fresh: not the build's eval set
     with tempfile.TemporaryDirectory() as tmp:
         dataset = FolderDataset(export_folder(Path(tmp) / "scenes", args.num, seed))
-        demo = Segmenter.from_pretrained(args.build / "model", device="cpu")
+        demo = Segmenter.from_pretrained(args.model, device="cpu")
         rows: dict[str, Segmenter] = {"DeOP (demo)": demo}
         for name, label in (("no_severance", "DeOP without patch severance"),
                             ("mask_average", "DeOP, mask-average pooling (no CAL)")):
-            folder = args.build / "ablations" / name
-            if folder.exists():
+            folder = args.ablations / name if args.ablations else None
+            if folder is not None and folder.exists():
                 rows[label] = Segmenter.from_pretrained(folder, device="cpu")
         rows["two-stream (crop + CLIP per proposal)"] = Segmenter(TwoStreamBaseline(demo.model), device="cpu")
         if hasattr(Segmenter, "from_clip"):
-            rows["training-free (tiny CLIP, dense)"] = Segmenter.from_clip(f"clip:{args.build / 'model'}", device="cpu")
+            rows["training-free (tiny CLIP, dense)"] = Segmenter.from_pretrained(
+                f"clip:{args.model}", device="cpu")
 
         results = {}
         for label, seg in rows.items():
