@@ -55,6 +55,9 @@ def test_demo_segments_fresh_scenes_well_above_chance(demo):
 
 def test_demo_clip_is_usable_training_free():
     seg = Segmenter.from_pretrained("clip:demo", device="cpu")
+    demo_config = Segmenter.from_pretrained("demo", device="cpu").config
+    # the training-free model runs at the resolution its CLIP was trained for
+    assert seg.config.preprocess.short_side == demo_config.preprocess.short_side
     image = scenes.render_scene(5, 128).image
     result = seg.segment(image, list(scenes.CLASS_NAMES))
     assert result.label_map.shape == (128, 128)

@@ -277,6 +277,9 @@ def _from_onepass_folder(source, severance, templates, logit_scale) -> TrainingF
         interpolation=saved.preprocess.interpolation,
     )
     config.clip.model_name = source.name
+    # the CLIP was trained (and its positions tuned) at the saved model's working size
+    for field in ("short_side", "max_long_side", "window"):
+        setattr(config.preprocess, field, getattr(saved.preprocess, field))
     model = TrainingFreeCLIP(config)
     expected = model.state_dict()
     path = source.folder / WEIGHTS_NAME
