@@ -16,14 +16,14 @@ from onepass_ovs.toy import scenes
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """Two 2-step pretraining runs with the same seed (FLIP patch dropout on)."""
+    """Two 2-step pretraining runs with the same seed: one crop step, one full-size step."""
     runs = []
     for name in ("a", "b"):
         out = tmp_path_factory.mktemp(f"tiny_clip_{name}")
         runs.append(
             tiny_clip.pretrain_tiny_clip(
-                out, steps=2, batch_size=8, seed=3, patch_dropout=0.5, evaluate=False,
-                progress=False,
+                out, steps=2, batch_size=8, seed=3, full_res_fraction=0.5,
+                full_res_batch_size=4, evaluate=False, progress=False,
             )
         )
     return runs
@@ -38,7 +38,7 @@ def test_config_is_registered_with_open_clip():
     model = open_clip.create_model(name)
     visual = model.visual
     assert isinstance(visual, open_clip.transformer.VisionTransformer)
-    assert visual.pool_type == "tok" and visual.attn_pool is None
+    assert visual.pool_type == "avg" and visual.attn_pool is None
     assert visual.patch_size == (8, 8)
     assert model.context_length == tiny_clip.TINY_CLIP_CONFIG["text_cfg"]["context_length"]
     assert model.vocab_size == 49408
@@ -98,12 +98,11 @@ def test_pretraining_writes_open_clip_folder_that_round_trips(pretrained):
     ]
     config = json.loads((folder / "open_clip_config.json").read_text())
     assert config["model_cfg"] == tiny_clip.TINY_CLIP_CONFIG
-    assert "patch_dropout" not in config["model_cfg"]["vision_cfg"]
     assert config["preprocess_cfg"]["mean"] == list(open_clip.OPENAI_DATASET_MEAN)
     assert config["onepass_ovs"]["recipe"]["steps"] == 2
+    assert config["onepass_ovs"]["recipe"]["crop_steps"] == 1
 
     loaded = open_clip.create_model(f"local-dir:{folder}").eval()
-    assert isinstance(loaded.visual.patch_dropout, torch.nn.Identity)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     size = tiny_clip.TINY_CLIP_CONFIG["vision_cfg"]["image_size"]
     pixels = tiny_clip.images_to_tensor(scenes.render_scenes(1, 2, size=size).images, loaded)
@@ -132,11 +131,49 @@ def test_pretraining_is_deterministic(pretrained):
 
 def test_load_at_another_resolution_resizes_positions(pretrained):
     folder = pretrained[0].output_dir
-    model = tiny_clip.load_tiny_clip(folder, image_size=128)
-    assert model.visual.grid_size == (16, 16)
-    assert model.visual.positional_embedding.shape[0] == 16 * 16 + 1
+    assert tiny_clip.load_tiny_clip(folder).visual.grid_size == (16, 16)
+    model = tiny_clip.load_tiny_clip(folder, image_size=64)
+    assert model.visual.grid_size == (8, 8)
+    assert model.visual.positional_embedding.shape[0] == 8 * 8 + 1
     pixels = tiny_clip.images_to_tensor(scenes.render_scenes(2, 1).images, model)
-    assert tiny_clip.patch_features(model, pixels).shape[1:3] == (16, 16)
+    assert pixels.shape[-1] == 64
+    assert tiny_clip.patch_features(model, pixels).shape[1:3] == (8, 8)
+
+
+def test_window_encoding_matches_open_clip_forward():
+    torch.manual_seed(0)
+    model = tiny_clip.build_tiny_clip().eval()
+    size = model.visual.image_size[0]
+    pixels = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        full = tiny_clip._encode_image_windows(model, pixels, torch.zeros(2, 2, dtype=torch.long))
+        torch.testing.assert_close(full, model.encode_image(pixels))
+        # A crop at a window sees exactly the positions of that part of the full grid.
+        crop = pixels[..., 16:48, 40:72]  # token rows 2..5, cols 5..8
+        offsets = torch.tensor([[2, 5], [2, 5]])
+        windowed = tiny_clip._encode_image_windows(model, crop, offsets)
+        visual = model.visual
+        grid = visual.positional_embedding[1:].reshape(16, 16, -1)
+        table = torch.cat([visual.positional_embedding[:1], grid[2:6, 5:9].reshape(16, -1)])
+        visual.positional_embedding = torch.nn.Parameter(table)
+        visual.grid_size, visual.image_size = (4, 4), (32, 32)
+        torch.testing.assert_close(windowed, model.encode_image(crop))
+
+
+def test_confusable_groups_differ_only_in_shapes_colours_or_binding():
+    rng = np.random.default_rng(0)
+    for num_objects in (1, 2, 3, 4):
+        for _ in range(20):
+            group = tiny_clip._confusable_group(rng, 4, num_objects)
+            assert len(group) == 4
+            assert len({frozenset(members) for members in group}) == 4
+            first_colours = sorted(n.split(" ")[0] for n in group[0])
+            first_shapes = sorted(n.split(" ")[1] for n in group[0])
+            for members in group:
+                assert len(set(members)) == num_objects
+                colours = sorted(n.split(" ")[0] for n in members)
+                shapes = sorted(n.split(" ")[1] for n in members)
+                assert colours == first_colours or shapes == first_shapes
 
 
 def test_evaluation_reports_fractions(pretrained):

@@ -99,10 +99,10 @@ def build(
     output: Path,
     *,
     clip_dir: Path | None = None,
-    clip_steps: int = 600,
+    clip_steps: int = 2000,
     num_train: int = 2000,
     proposal_steps: int = 1000,
-    deop_steps: int = 1000,
+    deop_steps: int = 800,
     clip_lr_mult: float | None = 0.1,
     batch_size: int = 8,
     num_eval: int = 200,
@@ -212,10 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--clip", type=Path, default=None,
                         help="use this pretrained tiny CLIP folder instead of step 1")
-    parser.add_argument("--clip-steps", type=int, default=600)
+    parser.add_argument("--clip-steps", type=int, default=2000)
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--proposal-steps", type=int, default=1000)
-    parser.add_argument("--deop-steps", type=int, default=1000)
+    parser.add_argument("--deop-steps", type=int, default=800)
     parser.add_argument("--clip-lr-mult", type=float, default=0.1,
                         help="fine-tune the CLIP image tower at this lr multiplier (0 = frozen)")
     parser.add_argument("--batch-size", type=int, default=8)

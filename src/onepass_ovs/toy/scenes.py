@@ -258,15 +258,25 @@ def _centre_mask(obj: SceneObject, size: int) -> tuple[np.ndarray, tuple[int, in
     return object_contains(obj, xs[None, :], ys[:, None]), window
 
 
-def _coverage(obj: SceneObject, size: int, supersample: int) -> np.ndarray:
-    """Fraction ``(h, w)`` of each pixel in the object's window covered by the shape."""
-    c0, r0, c1, r1 = _pixel_window(obj, size)
+def _coverage_and_centre(
+    obj: SceneObject, size: int, supersample: int
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """Coverage ``(h, w)`` float32 and centre membership ``(h, w)`` bool in the object's window.
+
+    ``supersample`` is odd, so the pixel centre is one of the ``supersample**2`` sub-samples
+    and the exact label comes from the same evaluation as the anti-aliased coverage.
+    """
+    if supersample < 1 or supersample % 2 == 0:
+        raise ValueError(f"supersample must be a positive odd number, got {supersample}")
+    window = _pixel_window(obj, size)
+    c0, r0, c1, r1 = window
     offsets = (np.arange(supersample) + 0.5) / supersample
     xs = (np.arange(c0, c1)[:, None] + offsets[None, :]).reshape(-1)
     ys = (np.arange(r0, r1)[:, None] + offsets[None, :]).reshape(-1)
     inside = object_contains(obj, xs[None, :], ys[:, None])
-    h, w = r1 - r0, c1 - c0
-    return inside.reshape(h, supersample, w, supersample).mean(axis=(1, 3))
+    inside = inside.reshape(r1 - r0, supersample, c1 - c0, supersample)
+    centre = inside[:, supersample // 2, :, supersample // 2]
+    return inside.mean(axis=(1, 3), dtype=np.float32), centre, window
 
 
 # --------------------------------------------------------------------------------------
@@ -301,7 +311,8 @@ def _background(rng: np.random.Generator, size: int, noise: bool) -> np.ndarray:
     rgb = luminance[:, :, None] + tint[None, None, :]
     if noise:
         sigma = rng.uniform(0.0, 4.0)
-        rgb = rgb + np.clip(rng.normal(0.0, 1.0, size=rgb.shape) * sigma, -8.0, 8.0)
+        noise_field = rng.standard_normal(size=rgb.shape, dtype=np.float32)
+        rgb = rgb + np.clip(noise_field * sigma, -8.0, 8.0)
     return np.clip(rgb, 0.0, 255.0).astype(np.float32)
 
 
@@ -444,7 +455,7 @@ def rasterize_objects(
     objects: list[SceneObject],
     size: int,
     background: np.ndarray | None = None,
-    supersample: int = 4,
+    supersample: int = 3,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``objects`` in order over ``background``.
 
@@ -452,7 +463,8 @@ def rasterize_objects(
         objects: drawing order, back to front.
         size: image side in pixels.
         background: ``(size, size, 3)`` float or uint8 RGB; mid grey when ``None``.
-        supersample: sub-samples per pixel side for the anti-aliased image (1 = aliased).
+        supersample: odd number of sub-samples per pixel side for the anti-aliased image
+            (1 = aliased); the middle sub-sample is the pixel centre.
 
     Returns:
         ``image`` ``(size, size, 3)`` uint8 and ``label`` ``(size, size)`` int64, where a
@@ -464,12 +476,8 @@ def rasterize_objects(
         image = np.array(background, dtype=np.float32, copy=True)
     label = np.zeros((size, size), dtype=np.int64)
     for obj in objects:
-        mask, (c0, r0, c1, r1) = _centre_mask(obj, size)
+        alpha, mask, (c0, r0, c1, r1) = _coverage_and_centre(obj, size, supersample)
         label[r0:r1, c0:c1][mask] = obj.class_id
-        if supersample > 1:
-            alpha = _coverage(obj, size, supersample).astype(np.float32)
-        else:
-            alpha = mask.astype(np.float32)
         region = image[r0:r1, c0:c1]
         colour = np.asarray(obj.colour_rgb, dtype=np.float32)
         region += alpha[:, :, None] * (colour - region)
@@ -483,7 +491,7 @@ def render_scene(
     num_objects: int | None = None,
     classes: list[str] | None = None,
     noise: bool = True,
-    supersample: int = 4,
+    supersample: int = 3,
     object_size: tuple[float, float] = OBJECT_SIZE_RANGE,
 ) -> Scene:
     """Render one scene.
@@ -495,7 +503,8 @@ def render_scene(
         classes: object class names in drawing order (distinct); random when ``None``.
             Overrides ``num_objects``.
         noise: add mild noise to the background texture.
-        supersample: sub-samples per pixel side for anti-aliased edges (1 = aliased).
+        supersample: odd number of sub-samples per pixel side for anti-aliased edges
+            (1 = aliased).
         object_size: range of an object's bounding-box side at the reference size
             128 px (scaled by ``size / 128``); the spec's 20-56 px by default.
 
