@@ -89,7 +89,7 @@ def test_corrupt_or_mismatched_weights(tiny_saved, tmp_path):
     with pytest.raises(ValueError, match="cannot read weights"):
         Segmenter.from_pretrained(folder)
     config = json.loads((tiny_saved / "config.json").read_text())
-    config["proposals"]["num_queries"] = 7
+    config["deop"]["proposals"]["num_queries"] = 7
     shutil.copy(tiny_saved / "model.safetensors", folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="shape"):
@@ -105,15 +105,17 @@ def test_list_models_and_presets():
 
 
 def test_from_config_accepts_dict_and_dataclass():
-    from onepass_ovs.config import preset_config
+    from onepass_ovs.models.registry import preset_config
 
     cfg = preset_config("deop-tiny")
     a = Segmenter.from_config(cfg.to_dict(), seed=3)
     b = Segmenter.from_config(cfg, seed=3)
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all((sa[k] == sb[k]).all() for k in sa)
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="lacks"):
         Segmenter.from_config({"family": "deop", "bogus": 1})
+    with pytest.raises(ValueError, match="unknown key 'bogus'"):
+        Segmenter.from_config({**cfg.to_dict(), "bogus": 1})
 
 
 def test_dtype_and_device_options(tiny_saved):

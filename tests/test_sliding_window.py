@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from onepass_ovs import Segmenter
-from onepass_ovs.config import TINY_CLIP_CFG, ModelConfig, PreprocessConfig
+from onepass_ovs.config import ModelConfig, PreprocessConfig
 from onepass_ovs.images import Geometry, blend_ramp, prepare, window_boxes, window_starts
+from onepass_ovs.models.towers import TINY_CLIP_CFG
 from onepass_ovs.models.training_free import TrainingFreeCLIP, clip_model_config
 from onepass_ovs.result import SegmentationResult, upsample_scores
+from onepass_ovs.sliding import slide, window_layout
 
 VOCAB = ["cat", "sofa, couch", "background"]
 
@@ -27,6 +29,7 @@ class PositionModel(nn.Module):
     def __init__(self, window=64, blend="linear"):
         super().__init__()
         self.config = ModelConfig(
+            family="stand-in",
             preprocess=PreprocessConfig(short_side=64, max_long_side=1024, pad_multiple=16,
                                         window=window, window_blend=blend)
         )
@@ -73,14 +76,14 @@ def test_blending_on_a_constructed_case():
     seg = Segmenter(PositionModel(window=64), device="cpu")
     canvas = torch.zeros(3, 32, 96)
     geometry = Geometry((32, 96), (32, 96), (32, 96))
-    windows = seg._windows((64, 32))
+    windows = window_layout((64, 32), seg.config.preprocess)
     assert window_boxes((32, 96), 64, 32) == [(0, 0, 32, 64), (0, 32, 32, 96)]
 
     def constant_per_window(batch, sizes, boxes):
         values = torch.tensor([1.0 + x0 // 32 for _, x0, _, _ in boxes])
         return values.view(-1, 1, 1, 1).expand(len(boxes), 1, 8, 16)
 
-    out = seg._slide(constant_per_window, canvas, geometry, windows, batch_size=1)
+    out = slide(constant_per_window, canvas, geometry, windows, 1, seg.config.preprocess.pad_multiple)
     assert out.shape == (1, 8, 24)  # output stride 4 on the whole canvas
     ramp = 1 + (np.arange(8) + 0.5) / 8
     expected = np.concatenate([np.ones(8), ramp, np.full(8, 2.0)])
@@ -88,7 +91,8 @@ def test_blending_on_a_constructed_case():
     assert (out[0] == out[0, :1]).all()  # a single window along y: no vertical ramp
 
     mean = Segmenter(PositionModel(window=64, blend="mean"), device="cpu")
-    out = mean._slide(constant_per_window, canvas, geometry, mean._windows((64, 32)), batch_size=2)
+    out = slide(constant_per_window, canvas, geometry, window_layout((64, 32), mean.config.preprocess), 2,
+                mean.config.preprocess.pad_multiple)
     np.testing.assert_allclose(out[0, 0, 8:16].numpy(), 1.5)
 
 
@@ -123,11 +127,12 @@ def test_sliding_equals_single_pass_when_the_image_fits(family, tiny_segmenter):
     image = torch.from_numpy(_image(45, 61)).permute(2, 0, 1).float() / 255
     canvas, geometry = prepare(image, seg.config.preprocess)
     text = seg.encode_text(VOCAB)
-    windows = seg._windows(max(geometry.padded))
+    windows = window_layout(max(geometry.padded), seg.config.preprocess)
     assert not windows.needed(geometry.padded)
-    slid = seg._slide(lambda b, sizes, boxes: seg.predict_scores(b, text, sizes),
-                      canvas, geometry, windows, batch_size=2)
-    single = seg.predict_scores(canvas[None], text, [geometry.resized])[0]
+    slid = slide(lambda b, sizes, boxes: seg.predict_scores(b, text, sizes),
+                 canvas, geometry, windows, 2, seg.config.preprocess.pad_multiple)
+    single = seg.predict_scores(canvas[None], text, [geometry.resized])
+    single = single[0] if isinstance(single, torch.Tensor) else single.dense()[0]
     torch.testing.assert_close(slid, single, atol=0, rtol=0)
     a = seg.segment(image, VOCAB, sliding_window=512)
     b = seg.segment(image, VOCAB, sliding_window=False)
@@ -151,7 +156,7 @@ def test_large_image_slides_and_returns_a_full_size_map(family, tiny_segmenter, 
     assert {shape for shape, _ in seen} == {(96, 96)}
     # each window knows its valid (unpadded) part; the last ones reach into the padding
     _, geometry = prepare(torch.zeros(3, 200, 130), seg.config.preprocess, "original")
-    windows = seg._windows((96, 64))
+    windows = window_layout((96, 64), seg.config.preprocess)
     boxes = window_boxes(geometry.padded, windows.window, windows.stride)
     assert len(boxes) == 6
     expected = [(min(200 - y0, 96), min(130 - x0, 96)) for y0, x0, _, _ in boxes]
@@ -163,16 +168,16 @@ def test_large_image_slides_and_returns_a_full_size_map(family, tiny_segmenter, 
 def test_default_window_policy(tiny_segmenter):
     pre = tiny_segmenter.config.preprocess
     assert (pre.window, pre.window_stride, pre.window_blend) == (1024, 0, "linear")
-    windows = tiny_segmenter._windows(None)
+    windows = window_layout(None, tiny_segmenter.config.preprocess)
     assert (windows.window, windows.stride) == (1024, 768)
-    assert tiny_segmenter._windows(100).window == 96  # rounded to the pad multiple (32)
-    assert tiny_segmenter._windows(False) is None
+    assert window_layout(100, tiny_segmenter.config.preprocess).window == 96  # rounded to the pad multiple (32)
+    assert window_layout(False, tiny_segmenter.config.preprocess) is None
     clip_pre = clip_model_config(copy.deepcopy(TINY_CLIP_CFG)).preprocess
     assert (clip_pre.short_side, clip_pre.window, clip_pre.pad_multiple) == (448, 448, 16)
     with pytest.raises(TypeError, match="sliding_window"):
-        tiny_segmenter._windows("big")
+        window_layout("big", tiny_segmenter.config.preprocess)
     with pytest.raises(ValueError, match="positive"):
-        tiny_segmenter._windows(-5)
+        window_layout(-5, tiny_segmenter.config.preprocess)
 
 
 def test_size_original_keeps_the_working_size(tiny_segmenter):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from onepass_ovs.config import TINY_CLIP_CFG
-from onepass_ovs.models.clip_vit import create_open_clip, create_tokenizer
+from onepass_ovs.config import ClipConfig
+from onepass_ovs.models.towers import TINY_CLIP_CFG, create_clip, create_tokenizer
 from onepass_ovs.text import TextEncoder, parse_vocabulary, resolve_templates
 
 
@@ -47,7 +49,7 @@ def test_templates():
 @pytest.fixture(scope="module")
 def clip_and_encoder():
     torch.manual_seed(0)
-    clip = create_open_clip(TINY_CLIP_CFG).eval()
+    clip = create_clip(ClipConfig(model_cfg=copy.deepcopy(TINY_CLIP_CFG))).eval()
     encoder = TextEncoder(clip, create_tokenizer(TINY_CLIP_CFG)).eval()
     return clip, encoder
 
@@ -88,7 +90,7 @@ def test_each_entry_encoded_once(clip_and_encoder, monkeypatch):
 
 def test_learned_context_changes_embeddings_and_gets_gradients():
     torch.manual_seed(0)
-    clip = create_open_clip(TINY_CLIP_CFG)
+    clip = create_clip(ClipConfig(model_cfg=copy.deepcopy(TINY_CLIP_CFG)))
     plain = TextEncoder(clip, create_tokenizer(TINY_CLIP_CFG)).train()
     coop = TextEncoder(clip, create_tokenizer(TINY_CLIP_CFG), prompt_length=4).train()
     with torch.no_grad():

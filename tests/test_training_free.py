@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from onepass_ovs import ModelNotAvailableError, SegmentationResult, Segmenter
-from onepass_ovs.config import TINY_CLIP_CFG
-from onepass_ovs.models.clip_vit import create_open_clip
+from onepass_ovs.config import ClipConfig
+from onepass_ovs.models.towers import TINY_CLIP_CFG, create_clip
 from onepass_ovs.models.training_free import TrainingFreeCLIP, clip_model_config
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
@@ -29,7 +29,7 @@ VOCAB = ["cat", "dog", "grass, lawn"]
 def _save_open_clip(folder, seed=0, logit_scale=50.0):
     """A random tiny open_clip model written in open_clip's Hub format."""
     torch.manual_seed(seed)
-    clip = create_open_clip(TINY_CFG).eval()
+    clip = create_clip(ClipConfig(model_cfg=copy.deepcopy(TINY_CFG))).eval()
     with torch.no_grad():
         clip.logit_scale.fill_(math.log(logit_scale))
     folder.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def test_pretrained_tag_resolves_quick_gelu_and_preprocessing(
     mean, std = torch.tensor(TAG_MEAN).view(1, 3, 1, 1), torch.tensor(TAG_STD).view(1, 3, 1, 1)
     normed = (images - mean) / std
     with torch.no_grad():
-        got = seg.model.clip_visual.encode_image(normed)
+        got = seg.model.clip_visual.global_embedding(normed)
         torch.testing.assert_close(got, clip.encode_image(normed), atol=1e-5, rtol=1e-5)
     with pytest.raises(ModelNotAvailableError, match="no tag 'nope'"):
         Segmenter.from_clip("clip:Onepass-Tiny/nope", cache_dir=offline_cache)
@@ -170,7 +170,7 @@ def test_local_folder_and_save_round_trip(open_clip_dir, tmp_path):
 def test_clip_inside_a_saved_deop_model(tiny_saved, tiny_segmenter):
     seg = Segmenter.from_clip(f"clip:{tiny_saved}", templates="single")
     assert seg.config.family == "clip"
-    assert seg.config.clip.logit_scale == tiny_segmenter.config.anchors.logit_scale
+    assert seg.config.clip.logit_scale == tiny_segmenter.config.family_config.anchors.logit_scale
     deop_state = tiny_segmenter.model.state_dict()
     own = seg.model.state_dict()
     assert own and all(k.startswith(("clip_visual.", "text.")) for k in own)
@@ -245,7 +245,7 @@ def test_severance_variants_match_their_formula(variant):
     if variant == "mask-guided":
         masks = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) > 0.5).float()
         coverage = F.avg_pool2d(masks, 16)
-    got = model.encode_image(images, None, masks)
+    got = model.dense_features(images, None, masks)
     expected = _reference_dense(model, images, variant, coverage)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     if variant != "none":
@@ -292,7 +292,7 @@ def test_masks_are_pooled_classified_and_painted():
     res = seg.segment(image, VOCAB, masks=torch.stack([a, b]), size=(64, 96))
 
     text = model.text(VOCAB)
-    dense = model.encode_image(image[None])[0]  # (E, 4, 6): no resize, no padding
+    dense = model.dense_features(image[None])[0]  # (E, 4, 6): no resize, no padding
     scale = model.config.clip.logit_scale
     expected = torch.zeros(3, 64, 96)
     for mask in (a, b):

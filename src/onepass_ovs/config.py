@@ -4,6 +4,18 @@ A saved model is ``config.json`` + ``model.safetensors``; the config holds every
 needed to rebuild the architecture *and* to preprocess images the way the weights
 expect (mean/std, resize policy), so transforms are derived from it, never hand-coded
 at call sites.
+
+:class:`ModelConfig` holds what every family shares (family, name, preprocessing, the
+CLIP towers, the text side) plus ``family_config``, the family's own section (a
+dataclass the family registers, see :mod:`onepass_ovs.models.registry`), stored in
+``config.json`` under the family's name::
+
+    {"family": "deop", "name": "...", "preprocess": {...}, "clip": {...}, "text": {...},
+     "deop": {"proposals": {...}, "anchors": {...}}, "format_version": 2}
+
+Parsing a dict into a ModelConfig needs the family's section type, so it lives with the
+registry (:func:`onepass_ovs.models.registry.config_from_dict`); this module only knows
+the shared sections and how to check a section against its dataclass.
 """
 
 from __future__ import annotations
@@ -11,6 +23,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +35,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SEVERANCE_VARIANTS = ("weighted", "identity", "mask-guided", "clearclip", "none")
-FAMILIES = ("deop", "clip")
+FORMAT_VERSION = 2
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a model: names the file or section and the field."""
 
 
 @dataclass
@@ -55,58 +73,37 @@ class PreprocessConfig:
 
 @dataclass
 class ClipConfig:
-    """The CLIP ViT (open_clip) and DeOP's modifications of its image tower.
+    """The CLIP (open_clip) and how its image tower runs densely.
 
     ``model_cfg`` is open_clip's model config dict (``embed_dim``, ``vision_cfg``,
-    ``text_cfg``, ...): stored in full so custom architectures travel with the weights.
-    ``model_name`` names an open_clip config used when ``model_cfg`` is empty.
+    ``text_cfg``, ``quick_gelu``, ...): stored in full so custom architectures travel with
+    the weights. ``model_name`` names an open_clip config used when ``model_cfg`` is empty.
+    The image tower's kind (open_clip ViT, ViT with a convolutional stem, timm ConvNeXt) is
+    read from these fields by :mod:`onepass_ovs.models.towers`.
     """
 
     model_name: str = "ViT-B-16"
     model_cfg: dict[str, Any] = field(default_factory=dict)
+    # A ViT whose patchify conv is replaced by a convolutional stem: the channels of its
+    # 3x3 stride-2 convolutions (log2(patch) of them), then a 1x1 conv to the ViT width.
+    # Empty: open_clip's patchify conv.
+    conv_stem: tuple[int, ...] = ()
     # Learned extra positional tables (DeOP): a (1 + g*g, width) table added at the
     # input and one per listed block, bicubically interpolated to the feature grid.
     # learned_pos_grid = 0 turns them off.
-    learned_pos_grid: int = 24
-    learned_pos_blocks: tuple[int, ...] = (1, 2, 3, 4, 5)
-    severance: str = "weighted"
-    severance_blocks: tuple[int, ...] = (11,)
-    # CLIP's logit scale (1 / temperature) for the training-free family's dense classifier;
-    # loading a checkpoint stores its own learned value here (100 for OpenAI's ViTs).
+    learned_pos_grid: int = 0
+    learned_pos_blocks: tuple[int, ...] = ()
+    severance: str = "none"
+    severance_blocks: tuple[int, ...] = (-1,)
+    # CLIP's logit scale (1 / temperature) for dense classifiers; loading a checkpoint
+    # stores its own learned value here (100 for OpenAI's ViTs).
     logit_scale: float = 100.0
 
-
-@dataclass
-class ProposalConfig:
-    """MaskFormer-style proposal generator on a timm backbone."""
-
-    backbone: str = "resnet101c"
-    backbone_kwargs: dict[str, Any] = field(default_factory=lambda: {"stem_width": 64})
-    conv_dim: int = 256
-    mask_dim: int = 256
-    hidden_dim: int = 256
-    num_queries: int = 100
-    num_heads: int = 8
-    dim_feedforward: int = 2048
-    dec_layers: int = 6
-    dropout: float = 0.1
-    norm_groups: int = 32
-    # Class head (MLP hidden_dim -> class_hidden -> text dim, cosine with text): used to
-    # train the proposals (matching), ignored by DeOP at inference.
-    class_hidden: int = 1024
-
-
-@dataclass
-class AnchorConfig:
-    """Classification anchor learning (CAL): decoder + heatmap pooling."""
-
-    num_heads: int = 8
-    dim_feedforward: int = 1024
-    dropout: float = 0.1
-    # "cal": learned anchors + heatmap pooling; "mask_average": average of CLIP features
-    # inside each soft mask (an ablation / training-free fallback).
-    pooling: str = "cal"
-    logit_scale: float = 100.0
+    def __post_init__(self) -> None:
+        if self.severance not in SEVERANCE_VARIANTS:
+            raise ConfigError(
+                f"unknown severance {self.severance!r}; expected one of {SEVERANCE_VARIANTS}"
+            )
 
 
 @dataclass
@@ -124,146 +121,153 @@ class TextConfig:
 
 @dataclass
 class ModelConfig:
-    """A whole segmenter: family + parts. Serialised as ``config.json``."""
+    """A whole segmenter: family, shared parts, and the family's own section.
 
-    family: str = "deop"
+    Build one with a family's preset (``registry.preset_config("deop-tiny")``) or parse
+    one with ``registry.config_from_dict``; serialised as ``config.json``.
+    """
+
+    family: str
     name: str = ""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
-    proposals: ProposalConfig = field(default_factory=ProposalConfig)
-    anchors: AnchorConfig = field(default_factory=AnchorConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    format_version: int = 1
-
-    def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
-        if self.clip.severance not in SEVERANCE_VARIANTS:
-            raise ValueError(
-                f"unknown severance {self.clip.severance!r}; expected one of {SEVERANCE_VARIANTS}"
-            )
+    family_config: Any = None
+    format_version: int = FORMAT_VERSION
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        data = copy.deepcopy(data)
-        parts = {
-            "preprocess": PreprocessConfig,
-            "clip": ClipConfig,
-            "proposals": ProposalConfig,
-            "anchors": AnchorConfig,
-            "text": TextConfig,
+        out: dict[str, Any] = {
+            "family": self.family,
+            "name": self.name,
+            "preprocess": dataclasses.asdict(self.preprocess),
+            "clip": dataclasses.asdict(self.clip),
+            "text": dataclasses.asdict(self.text),
         }
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in parts:
-                kwargs[key] = _build(parts[key], value)
-            elif key in {f.name for f in dataclasses.fields(cls)}:
-                kwargs[key] = value
-            else:
-                raise ValueError(f"unknown config key {key!r}")
-        return cls(**kwargs)
+        if self.family_config is not None:
+            out[self.family] = dataclasses.asdict(self.family_config)
+        out["format_version"] = FORMAT_VERSION
+        return out
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    @classmethod
-    def load(cls, path: str | Path) -> ModelConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not a valid JSON config ({err})") from err
-        return cls.from_dict(data)
-
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with nested fields changed: ``cfg.replace(**{"clip.severance": "none"})``."""
+        """A copy with nested fields changed: ``cfg.replace(**{"clip.severance": "none"})``.
+
+        The family's section is reached as ``family_config.<field>`` or by the family's
+        name (``"deop.anchors.pooling"``). Values are checked like a loaded config's.
+        """
         out = copy.deepcopy(self)
         for dotted, value in changes.items():
             target: Any = out
             *parents, last = dotted.split(".")
             for name in parents:
-                target = getattr(target, name)
-            if not hasattr(target, last):
-                raise ValueError(f"unknown config field {dotted!r}")
-            setattr(target, last, value)
-        out.__post_init__()
+                if target is out and name == out.family:
+                    name = "family_config"
+                target = getattr(target, name, None)
+                if target is None or not dataclasses.is_dataclass(target):
+                    raise ConfigError(f"unknown config field {dotted!r}")
+            fields = {f.name for f in dataclasses.fields(target)}
+            if last not in fields:
+                raise ConfigError(f"unknown config field {dotted!r}")
+            hint = typing.get_type_hints(type(target))[last]
+            setattr(target, last, _check_value(value, hint, dotted))
+            if hasattr(target, "__post_init__"):
+                target.__post_init__()
         return out
 
 
-def _build(part_cls: type, value: Any) -> Any:
+# -- checking sections against their dataclasses ----------------------------------------------
+
+
+def parse_section(part_cls: type, value: Any, where: str) -> Any:
+    """A dataclass instance from a JSON section, every field checked against its type.
+
+    ``where`` names the section in errors ("config.json: clip"). JSON lists become tuples
+    where the field is a tuple; nested dataclass fields are parsed recursively; unknown
+    keys and values of the wrong type (e.g. ``"512"`` for an int) raise :class:`ConfigError`.
+    """
     if isinstance(value, part_cls):
         return value
     if not isinstance(value, dict):
-        raise ValueError(f"config section for {part_cls.__name__} must be a dict")
-    names = {f.name: f for f in dataclasses.fields(part_cls)}
-    unknown = set(value) - set(names)
+        raise ConfigError(
+            f"{where} must be a JSON object ({part_cls.__name__}), got {type(value).__name__}"
+        )
+    hints = typing.get_type_hints(part_cls)
+    names = {f.name for f in dataclasses.fields(part_cls)}
+    unknown = sorted(set(value) - names)
     if unknown:
-        raise ValueError(f"unknown keys in {part_cls.__name__}: {sorted(unknown)}")
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
     kwargs = {}
     for key, item in value.items():
-        # JSON has no tuples; restore them where the dataclass default is a tuple.
-        default = names[key].default
-        if isinstance(default, tuple) and isinstance(item, list):
-            item = tuple(item)
-        kwargs[key] = item
-    return part_cls(**kwargs)
-
-
-# -- presets ------------------------------------------------------------------------------
-
-# A tiny CLIP for tests: standard open_clip ViT + text tower at toy widths.
-TINY_CLIP_CFG: dict[str, Any] = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "patch_size": 16, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-def _deop_vit_b16() -> ModelConfig:
-    return ModelConfig(family="deop", name="deop-vit-b16")
-
-
-def _deop_tiny() -> ModelConfig:
-    return ModelConfig(
-        family="deop",
-        name="deop-tiny",
-        preprocess=PreprocessConfig(short_side=64, max_long_side=256, pad_multiple=32),
-        clip=ClipConfig(
-            model_name="tiny",
-            model_cfg=copy.deepcopy(TINY_CLIP_CFG),
-            learned_pos_grid=4,
-            learned_pos_blocks=(1,),
-            severance="weighted",
-            severance_blocks=(1,),
-        ),
-        proposals=ProposalConfig(
-            backbone="resnet18",
-            backbone_kwargs={"channels": [8, 16, 32, 64], "stem_width": 8},
-            conv_dim=16,
-            mask_dim=16,
-            hidden_dim=16,
-            num_queries=6,
-            num_heads=2,
-            dim_feedforward=32,
-            dec_layers=2,
-            norm_groups=4,
-            class_hidden=32,
-        ),
-        anchors=AnchorConfig(num_heads=2, dim_feedforward=32),
-        text=TextConfig(templates="single", prompt_length=0),
-    )
-
-
-PRESET_CONFIGS = {"deop-vit-b16": _deop_vit_b16, "deop-tiny": _deop_tiny}
-
-
-def preset_config(name: str) -> ModelConfig:
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = parse_section(hint, item, f"{where}.{key}")
+        else:
+            kwargs[key] = _check_value(item, hint, f"{where}.{key}")
     try:
-        return PRESET_CONFIGS[name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown preset {name!r}; presets: {sorted(PRESET_CONFIGS)}"
-        ) from None
+        return part_cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    """``value`` converted to the field's type (lists -> tuples), or ConfigError."""
+    ok, converted = _matches(value, hint)
+    if not ok:
+        raise ConfigError(
+            f"{where} must be {_describe(hint)}, got {type(value).__name__} {value!r:.80}"
+        )
+    return converted
+
+
+def _matches(value: Any, hint: Any) -> tuple[bool, Any]:
+    if hint is Any:
+        return True, value
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            ok, converted = _matches(value, option)
+            if ok:
+                return True, converted
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        item_hint = args[0] if args else Any
+        items = []
+        for item in value:
+            ok, converted = _matches(item, item_hint)
+            if not ok:
+                return False, value
+            items.append(converted)
+        return True, tuple(items) if origin is tuple else items
+    if origin is dict or hint is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, hint) if isinstance(hint, type) else True, value
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin in (tuple, list):
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "an object"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )

@@ -37,11 +37,11 @@ class ModelNotAvailableError(OSError):
 
 def list_models(pretrained_only: bool = False) -> list[str]:
     """Named models: pretrained presets, then architecture presets (random init)."""
-    from .config import PRESET_CONFIGS
+    from .models.registry import list_presets
 
     names = sorted(PRETRAINED_PRESETS)
     if not pretrained_only:
-        names += sorted(PRESET_CONFIGS)
+        names += list_presets()
     return names
 
 
@@ -125,7 +125,7 @@ def resolve_model_dir(
     local_files_only: bool = False,
 ) -> Path:
     """A folder holding ``config.json`` and ``model.safetensors`` for ``name``."""
-    from .config import PRESET_CONFIGS
+    from .models.registry import list_presets
 
     text = str(name)
     if text in PRETRAINED_PRESETS:
@@ -150,7 +150,7 @@ def resolve_model_dir(
         if missing:
             raise ModelNotAvailableError(f"model folder {path} lacks {', '.join(missing)}")
         return path
-    if text in PRESET_CONFIGS:
+    if text in list_presets():
         raise ModelNotAvailableError(
             f"{text!r} is an architecture preset without weights: use "
             f"Segmenter.from_config({text!r}) for a randomly initialised model"

@@ -95,9 +95,16 @@ class _RowUpsampler:
         self.rows_index, self.rows_weight = _axis_taps(h, hp, h1, h0)
         self.cols_index, self.cols_weight = _axis_taps(w, wp, w1, w0)
 
-    def rows(self, scores: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """(C, h, w) low-resolution scores -> rows [start, stop) of the (C, H0, W0) map."""
+    def rows(self, scores, start: int, stop: int) -> torch.Tensor:
+        """(C, h, w) low-resolution scores -> rows [start, stop) of the (C, H0, W0) map.
+
+        ``scores`` is a tensor or a lazy score map (``rows(index) -> (1, C, n, w)``, e.g.
+        DeOP's assembled scores), whose needed rows are computed once per band.
+        """
         index, weight = self.rows_index[start:stop], self.rows_weight[start:stop]
+        if not isinstance(scores, torch.Tensor):
+            needed, index = index.unique(return_inverse=True)
+            scores = scores.rows(needed)[0]
         band = sum(scores[:, index[:, t]] * weight[:, t, None] for t in range(4))
         index, weight = self.cols_index, self.cols_weight
         return sum(band[:, :, index[:, t]] * weight[:, t] for t in range(4))
@@ -135,18 +142,27 @@ class SegmentationResult:
         ``unknown_label``: the label of pixels below ``unknown_threshold`` (-1, or the
         index of a background class).
         """
-        if scores.shape[0] != len(classes):
-            raise ValueError(f"{scores.shape[0]} score maps for {len(classes)} classes")
+        lazy = not isinstance(scores, torch.Tensor)
+        count = scores.shape[1] if lazy else scores.shape[0]
+        if count != len(classes):
+            raise ValueError(f"{count} score maps for {len(classes)} classes")
         if not UNKNOWN <= unknown_label < len(classes):
             raise ValueError(f"unknown_label {unknown_label} is not -1 or a class index")
-        self._scores = scores.detach().float().cpu().clamp_min(0.0)
+        self._scores = (
+            scores.float().cpu() if lazy else scores.detach().float().cpu().clamp_min(0.0)
+        )
         self.classes = list(classes)
         self.geometry = geometry
         self.unknown_threshold = unknown_threshold
         self.unknown_label = unknown_label
         self._upsampler = _RowUpsampler(tuple(self._scores.shape[-2:]), geometry)
-        self._total = self._scores.sum(0, keepdim=True)
+        self._total = self._scores.class_sum() if lazy else self._scores.sum(0, keepdim=True)
         self.label_map = self._label_map()
+
+    def _classes(self, start: int, stop: int):
+        if isinstance(self._scores, torch.Tensor):
+            return self._scores[start:stop]
+        return self._scores.select(start, stop)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -162,7 +178,7 @@ class SegmentationResult:
             bottom = min(top + step, h0)
             best_score = best_index = None
             for start in range(0, k, _CLASS_CHUNK):
-                up = self._upsampler.rows(self._scores[start : start + _CLASS_CHUNK], top, bottom)
+                up = self._upsampler.rows(self._classes(start, start + _CLASS_CHUNK), top, bottom)
                 value, index = up.max(0)
                 if best_score is None:
                     best_score, best_index = value, index
@@ -190,7 +206,7 @@ class SegmentationResult:
             # the same total as the label map's unknown test, so thresholds agree exactly
             total = self._upsampler.rows(self._total, top, bottom)
             for start in range(0, k, _CLASS_CHUNK):
-                up = self._upsampler.rows(self._scores[start : start + _CLASS_CHUNK], top, bottom)
+                up = self._upsampler.rows(self._classes(start, start + _CLASS_CHUNK), top, bottom)
                 probs = (up + _EPS) / (total + k * _EPS)
                 out[start : start + _CLASS_CHUNK, top:bottom] = probs.numpy()
         return out

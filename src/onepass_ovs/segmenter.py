@@ -1,59 +1,30 @@
 """Segmenter: load/save a model, preprocess images, segment them against any vocabulary.
 
-Every family's model exposes the same small interface:
-
-- ``model.config``: a :class:`~onepass_ovs.config.ModelConfig`;
-- ``model.text(vocabulary) -> (K, E)`` normalised class embeddings (cached per entry);
-- ``model.predict_scores(images, text_embeddings, image_sizes) -> (B, K, h, w)``
-  non-negative class scores on the padded canvas (any stride).
-
-so the Segmenter stays family-agnostic. Families that can classify external masks also
-have ``encode_image(images, image_sizes, masks) -> (B, E, h, w)`` and
-``mask_scores(dense, masks, text_embeddings) -> (K, h', w')`` (the ``clip`` family).
-
-Large images are segmented in overlapping windows whose scores are blended (see
-:meth:`Segmenter.segment`), so memory stays bounded whatever the working size.
+Every family's model implements :class:`~onepass_ovs.models.interface.SegmentationModel`
+(config, ``text(vocabulary)``, ``predict_scores(images, text, image_sizes)``), so the
+Segmenter stays family-agnostic; families that classify external masks also implement
+:class:`~onepass_ovs.models.interface.MaskClassifier`. Sliding windows live in
+:mod:`onepass_ovs.sliding`, mask painting in :mod:`onepass_ovs.painting`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, preset_config
+from .config import ModelConfig
 from .hub import CONFIG_NAME, WEIGHTS_NAME, load_weights, resolve_model_dir, save_weights
-from .images import Geometry, blend_ramp, prepare, to_tensor, window_boxes, window_starts
+from .images import Geometry, prepare, to_tensor
+from .models.interface import MaskClassifier
+from .models.registry import build_model, config_from_dict, load_config, preset_config
+from .painting import as_masks, paint_mask_scores
 from .result import UNKNOWN, SegmentationResult
+from .sliding import Windows, slide, window_layout
 from .text import parse_vocabulary
-
-# Bounds the masks painted at once (M masks + K class maps on the canvas); beyond it the
-# masks are painted at a coarser stride.
-_MASK_PAINT_BYTES = 256 * 2**20
-# Bounds the full-size user masks resized at once.
-_MASK_CHUNK_BYTES = 128 * 2**20
-# Windows of one image run together up to batch_size, but at most about this many pixels
-# per pass: a 1024 x 1024 DeOP window alone takes ~1.3 GB of activations on CPU.
-_WINDOW_PIXELS_PER_PASS = 1024 * 1024
-
-
-def build_model(config: ModelConfig) -> nn.Module:
-    """A randomly initialised model of the config's family."""
-    if config.family == "deop":
-        from .models.deop import DeOP
-
-        return DeOP(config)
-    if config.family == "clip":
-        from .models.training_free import TrainingFreeCLIP
-
-        return TrainingFreeCLIP(config)
-    raise ValueError(f"no model for family {config.family!r}")
 
 
 def _device(device) -> torch.device:
@@ -80,18 +51,6 @@ def _is_batch(images) -> bool:
     return isinstance(images, torch.Tensor) and images.ndim == 4
 
 
-@dataclass(frozen=True)
-class _Windows:
-    """Sliding-window layout in working-resolution pixels (multiples of the pad multiple)."""
-
-    window: int
-    stride: int
-    blend: str
-
-    def needed(self, padded: tuple[int, int]) -> bool:
-        return padded[0] > self.window or padded[1] > self.window
-
-
 class Segmenter:
     """Open-vocabulary semantic segmentation of images against any list of class names.
 
@@ -116,9 +75,9 @@ class Segmenter:
         if isinstance(name_or_config, str):
             config = preset_config(name_or_config)
         elif isinstance(name_or_config, dict):
-            config = ModelConfig.from_dict(name_or_config)
+            config = config_from_dict(name_or_config)
         elif isinstance(name_or_config, ModelConfig):
-            config = ModelConfig.from_dict(name_or_config.to_dict())
+            config = config_from_dict(name_or_config.to_dict())
         else:
             raise TypeError(f"expected a preset name, dict or ModelConfig, got {type(name_or_config)}")
         if seed is not None:
@@ -149,7 +108,7 @@ class Segmenter:
         folder = resolve_model_dir(
             name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
-        config = ModelConfig.load(folder / CONFIG_NAME)
+        config = load_config(folder / CONFIG_NAME)
         model = build_model(config)
         load_weights(model, folder / WEIGHTS_NAME)
         return cls(model, device=device, dtype=dtype)
@@ -279,7 +238,7 @@ class Segmenter:
         classes = list(vocabulary) if not isinstance(vocabulary, str) else vocabulary
         synonyms = parse_vocabulary(classes)  # validate before any image work
         background_index = _background_index(classes, synonyms, background)
-        windows = self._windows(sliding_window)
+        windows = window_layout(sliding_window, self.config.preprocess)
         many = _is_batch(images)
         inputs = list(images) if isinstance(images, (list, tuple)) else [images]
         if many and not inputs:
@@ -324,40 +283,10 @@ class Segmenter:
                 bar.close()
         return results if many else results[0]
 
-    def _windows(self, sliding_window) -> _Windows | None:
-        """The window layout asked for (None: one pass), rounded to the pad multiple."""
-        pre = self.config.preprocess
-        multiple = pre.pad_multiple
-        if sliding_window is None or sliding_window is True:
-            window, stride = pre.window, pre.window_stride
-            if window <= 0:
-                if sliding_window is True:
-                    raise ValueError(
-                        "this model's config sets no window: pass sliding_window=<window side>"
-                    )
-                return None
-        elif sliding_window is False:
-            return None
-        elif isinstance(sliding_window, int):
-            window, stride = sliding_window, 0
-        elif isinstance(sliding_window, (tuple, list)) and len(sliding_window) == 2:
-            window, stride = (int(v) for v in sliding_window)
-        else:
-            raise TypeError(
-                "sliding_window must be None, a bool, an int window or a (window, stride) pair, "
-                f"got {sliding_window!r}"
-            )
-        if window <= 0 or stride < 0:
-            raise ValueError(f"sliding window sizes must be positive, got {sliding_window!r}")
-        window = max(multiple, window // multiple * multiple)
-        stride = stride or window * 3 // 4
-        stride = min(window, max(multiple, stride // multiple * multiple))
-        return _Windows(window, stride, pre.window_blend)
-
     def _mask_list(self, masks, many: bool, inputs: list) -> list | None:
         if masks is None:
             return None
-        if not hasattr(self.model, "mask_scores"):
+        if not isinstance(self.model, MaskClassifier):
             raise ValueError(
                 f"masks= needs a model that classifies masks (the 'clip' family); this is "
                 f"{self.config.family!r}"
@@ -379,7 +308,7 @@ class Segmenter:
         text: torch.Tensor,
         size,
         batch_size: int,
-        windows: _Windows | None = None,
+        windows: Windows | None = None,
         masks: list | None = None,
     ):
         """Yield (scores (K, h, w), Geometry) per image, in order."""
@@ -388,13 +317,16 @@ class Segmenter:
         groups: dict[tuple[int, int], list[int]] = {}
         for index, (canvas, geometry) in enumerate(prepared):
             if masks is not None:
-                image_masks = _as_masks(masks[index], geometry.original, index)
-                scores = self._mask_scores(canvas, geometry, image_masks, text, windows, batch_size)
+                image_masks = as_masks(masks[index], geometry.original, index)
+                scores = paint_mask_scores(
+                    self.model, canvas, geometry, image_masks, text, windows, batch_size,
+                    self.device, self.dtype,
+                )
                 out[index] = (scores, geometry)
             elif windows is not None and windows.needed(geometry.padded):
-                scores = self._slide(
+                scores = slide(
                     lambda batch, sizes, boxes: self.predict_scores(batch, text, sizes),
-                    canvas, geometry, windows, batch_size,
+                    canvas, geometry, windows, batch_size, self.config.preprocess.pad_multiple,
                 )
                 out[index] = (scores, geometry)
             else:
@@ -409,84 +341,10 @@ class Segmenter:
                     out[i] = (s, prepared[i][1])
         yield from out
 
-    def _slide(self, run, canvas: torch.Tensor, geometry: Geometry, windows: _Windows, batch_size):
-        """Run ``run(batch, valid_sizes, boxes) -> (b, C, h, w)`` on overlapping windows of a
-        (3, Hp, Wp) canvas and blend the outputs -> (C, Hp / s, Wp / s), s the output stride.
-
-        Each window's output is weighted by a ramp across its overlaps (``blend_ramp``) and
-        the sum is divided by the summed weights, so a pixel seen by one window keeps that
-        window's value exactly, and a single window reproduces the one-pass result.
-        """
-        multiple = self.config.preprocess.pad_multiple
-        (hp, wp), (h1, w1) = geometry.padded, geometry.resized
-        boxes = window_boxes((hp, wp), windows.window, windows.stride)
-        y0, x0, y1, x1 = boxes[0]
-        per_pass = max(1, min(batch_size, _WINDOW_PIXELS_PER_PASS // ((y1 - y0) * (x1 - x0))))
-        total = weights = weight = None
-        for start in range(0, len(boxes), per_pass):
-            chunk = boxes[start : start + per_pass]
-            batch = torch.stack([canvas[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
-            # the valid (unpadded) part of each window: windows never lie wholly in padding
-            sizes = [(min(h1 - y0, y1 - y0), min(w1 - x0, x1 - x0)) for y0, x0, y1, x1 in chunk]
-            out = run(batch, sizes, chunk).float().cpu()
-            if total is None:
-                wh, ww = chunk[0][2] - chunk[0][0], chunk[0][3] - chunk[0][1]
-                oh, ow = out.shape[-2:]
-                sy, sx = _output_stride(wh, oh, multiple), _output_stride(ww, ow, multiple)
-                overlap = windows.window - windows.stride
-                ramp_y = blend_ramp(
-                    oh, overlap / sy, len(window_starts(hp, wh, windows.stride)) == 1, windows.blend
-                )
-                ramp_x = blend_ramp(
-                    ow, overlap / sx, len(window_starts(wp, ww, windows.stride)) == 1, windows.blend
-                )
-                weight = ramp_y[:, None] * ramp_x[None, :]
-                total = torch.zeros(out.shape[1], hp // sy, wp // sx)
-                weights = torch.zeros(hp // sy, wp // sx)
-            for (y0, x0, _, _), item in zip(chunk, out, strict=True):
-                rows = slice(y0 // sy, y0 // sy + oh)
-                cols = slice(x0 // sx, x0 // sx + ow)
-                total[:, rows, cols] += item * weight
-                weights[rows, cols] += weight
-        return total / weights
-
-    def _mask_scores(
-        self,
-        canvas: torch.Tensor,
-        geometry: Geometry,
-        masks: torch.Tensor,
-        text: torch.Tensor,
-        windows: _Windows | None,
-        batch_size: int,
-    ) -> torch.Tensor:
-        """One image with external masks (M, H0, W0) -> painted scores (K, Hp / s, Wp / s)."""
-        model = self.model
-        hp, wp = geometry.padded
-        multiple = self.config.preprocess.pad_multiple
-        stride = _paint_stride(hp, wp, masks.shape[0] + text.shape[0], multiple)
-        canvas_masks = _masks_on_canvas(masks, geometry, stride)  # (M, Hp / s, Wp / s)
-
-        def features(batch, sizes, boxes):
-            batch = batch.to(device=self.device, dtype=self.dtype)
-            crops = None
-            if model.needs_masks:
-                crops = torch.stack(
-                    [canvas_masks[:, y0 // stride : y1 // stride, x0 // stride : x1 // stride]
-                     for y0, x0, y1, x1 in boxes]
-                ).to(self.device)
-            return model.encode_image(batch, sizes, crops).float().cpu()
-
-        if windows is not None and windows.needed(geometry.padded):
-            # blending averages unit vectors; re-normalise so cosines stay cosines
-            dense = F.normalize(self._slide(features, canvas, geometry, windows, batch_size), dim=0)
-        else:
-            dense = features(canvas[None], [geometry.resized], [(0, 0, hp, wp)])[0]
-        scores = model.mask_scores(dense.to(self.device), canvas_masks.to(self.device), text)
-        return scores.float().cpu()
-
     @torch.inference_mode()
-    def predict_scores(self, batch: torch.Tensor, text: torch.Tensor, sizes) -> torch.Tensor:
-        """(B, 3, Hp, Wp) padded [0, 1] images -> (B, K, h, w) class scores (CPU float)."""
+    def predict_scores(self, batch: torch.Tensor, text: torch.Tensor, sizes):
+        """(B, 3, Hp, Wp) padded [0, 1] images -> (B, K, h, w) class scores on the CPU:
+        a float tensor, or lazy assembled scores (DeOP) with the same indexing by image."""
         batch = batch.to(device=self.device, dtype=self.dtype)
         scores = self.model.predict_scores(batch, text, sizes)
         return scores.float().cpu()
@@ -512,80 +370,13 @@ def _background_index(classes: list[str], synonyms, background: str | None) -> i
     )
 
 
-def _merge_background(scores: torch.Tensor, index: int, count: int) -> torch.Tensor:
+def _merge_background(scores, index: int, count: int):
     """(K - 1 + count, h, w) scores, background synonyms last -> (K, h, w), their sum at
     ``index``: the probability of "any of the background names"."""
+    if not isinstance(scores, torch.Tensor):  # lazy assembled scores merge their classes
+        return scores.merge_classes(index, count)
     others, names = scores[: scores.shape[0] - count], scores[scores.shape[0] - count :]
     return torch.cat([others[:index], names.sum(0, keepdim=True), others[index:]])
-
-
-def _output_stride(window: int, cells: int, multiple: int) -> int:
-    """Pixels per output cell; windows start at multiples of ``multiple``, so it must divide."""
-    stride = window // cells if cells else 0
-    if not stride or window % cells or multiple % stride:
-        raise ValueError(
-            f"sliding windows need a model output stride dividing the pad multiple {multiple}; "
-            f"a {window}-pixel window gave {cells} cells"
-        )
-    return stride
-
-
-def _as_masks(masks, image_size: tuple[int, int], index: int) -> torch.Tensor:
-    """One image's masks -> (M, H, W) tensor (bool, 0/1 integers or float in [0, 1])."""
-    if isinstance(masks, np.ndarray):
-        masks = torch.from_numpy(np.ascontiguousarray(masks))
-    if not isinstance(masks, torch.Tensor):
-        raise TypeError(
-            f"masks of image {index} must be a numpy array or tensor, got {type(masks).__name__}"
-        )
-    masks = masks.detach().cpu()
-    if masks.ndim == 2:
-        masks = masks[None]
-    if masks.ndim != 3 or tuple(masks.shape[-2:]) != tuple(image_size):
-        raise ValueError(
-            f"masks of image {index} must be (M, {image_size[0]}, {image_size[1]}) at the "
-            f"image's size, got {tuple(masks.shape)}"
-        )
-    if masks.dtype == torch.bool:
-        return masks
-    if masks.is_floating_point():
-        if masks.numel() and (masks.min() < 0 or masks.max() > 1):
-            raise ValueError(f"float masks of image {index} must lie in [0, 1]")
-        return masks
-    if masks.numel() and (masks.min() < 0 or masks.max() > 1):
-        raise ValueError(f"integer masks of image {index} must be 0/1; pass bool or float masks")
-    return masks
-
-
-def _paint_stride(height: int, width: int, planes: int, multiple: int) -> int:
-    """Coarsest-needed stride (a power of two dividing ``multiple``) to paint ``planes``
-    maps of the (height, width) canvas within the memory bound."""
-    stride = 1
-    while planes * (height // stride) * (width // stride) * 4 > _MASK_PAINT_BYTES and (
-        multiple % (2 * stride) == 0
-    ):
-        stride *= 2
-    return stride
-
-
-def _masks_on_canvas(masks: torch.Tensor, geometry: Geometry, stride: int) -> torch.Tensor:
-    """(M, H0, W0) masks at the image's size -> (M, Hp / stride, Wp / stride) float coverage
-    on the padded working canvas (zero in the padding)."""
-    (h0, w0), (h1, w1), (hp, wp) = geometry.original, geometry.resized, geometry.padded
-    out = torch.zeros(masks.shape[0], hp // stride, wp // stride)
-    chunk = max(1, _MASK_CHUNK_BYTES // (4 * (h0 * w0 + hp * wp)))
-    for start in range(0, masks.shape[0], chunk):
-        part = masks[start : start + chunk].float()[None]
-        if (h1, w1) != (h0, w0):
-            # antialiased: a downscaled mask keeps its area coverage instead of aliasing
-            part = F.interpolate(
-                part, size=(h1, w1), mode="bilinear", align_corners=False, antialias=True
-            ).clamp_(0, 1)
-        part = F.pad(part, (0, wp - w1, 0, hp - h1))
-        if stride > 1:
-            part = F.avg_pool2d(part, stride)
-        out[start : start + chunk] = part[0]
-    return out
 
 
 def _progress(total: int, progress: bool | None):

@@ -5,6 +5,7 @@ into anchors that attend over the dense CLIP features; an output layer (self-att
 add & norm) lets anchors see each other; then *heatmap pooling* per head h:
 
     A_h = softmax over L of (Wq_h q)(Wk_h k)^T / sqrt(d)        (N, L)
+    A_h = dropout(A_h)   in training only (the reference's attention dropout, 0.1)
     H_h = A_h * G        with G = bilinear(sigmoid(M)) to the grid; NOT renormalised
     pooled_h = H_h @ F[:, h*d:(h+1)*d]
 
@@ -15,12 +16,32 @@ embeddings still classify it. The pooling runs through :func:`onepass_ovs.ops.an
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops import anchor_pool
 from .layers import DecoderLayer, sine_position_embedding
+
+
+@dataclass
+class AnchorConfig:
+    """Classification anchor learning (CAL): decoder + heatmap pooling."""
+
+    num_heads: int = 8
+    dim_feedforward: int = 1024
+    # dropout of the decoder layers and of the pooling attention (before the gate)
+    dropout: float = 0.1
+    # "cal": learned anchors + heatmap pooling; "mask_average": average of CLIP features
+    # inside each soft mask (an ablation / training-free fallback).
+    pooling: str = "cal"
+    logit_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("cal", "mask_average"):
+            raise ValueError(f"unknown pooling {self.pooling!r}; use 'cal' or 'mask_average'")
 
 
 def proposal_gate(mask_logits: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -74,6 +95,7 @@ class AnchorPooling(nn.Module):
             self.out_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
             self.out_norm = nn.LayerNorm(dim)
             self.dropout = nn.Dropout(dropout)
+            self.attention_dropout = dropout
             self.q_proj = nn.Linear(dim, dim)
             self.k_proj = nn.Linear(dim, dim)
 
@@ -101,5 +123,14 @@ class AnchorPooling(nn.Module):
         vh = dense.unflatten(-1, (heads, -1)).transpose(1, 2)  # values = raw CLIP features
         # under autocast the projections come out in the autocast dtype: match them
         work = qh.dtype
-        pooled = anchor_pool(qh, kh.to(work), vh.to(work), gate.to(work))  # (B, heads, N, d)
+        if self.training and self.attention_dropout > 0:
+            # dropout sits between the softmax and the gate, where the fused kernel cannot
+            # reach: training takes the explicit (B, heads, N, L) path
+            scale = qh.shape[-1] ** -0.5
+            attention = (qh @ kh.to(work).transpose(-1, -2) * scale).float().softmax(-1)
+            attention = F.dropout(attention, self.attention_dropout, training=True)
+            heatmap = (attention * gate[:, None].float()).to(work)
+            pooled = heatmap @ vh.to(work)
+        else:
+            pooled = anchor_pool(qh, kh.to(work), vh.to(work), gate.to(work))  # (B, heads, N, d)
         return F.normalize(pooled.transpose(1, 2).flatten(2).float(), dim=-1)

@@ -1,17 +1,138 @@
-"""Assemble (mask logits, class logits) into per-class semantic score maps."""
+"""Assemble (mask logits, class logits) into per-class semantic scores, as DeOP's authors do.
+
+    sem[c](y, x) = sum_n softmax(class_logits_n)[c] * sigmoid(up(M_n))(y, x)
+
+with ``up`` the bilinear resize (align_corners=False) of the mask LOGITS to the padded
+input size, the sigmoid after it (the order of the authors' code and of our training loss;
+sigmoid-then-resize is not the same), and the void probability dropped without
+renormalising.
+
+At full input resolution these maps are K x H x W, too large to hold for big images or
+vocabularies, so :class:`AssembledScores` keeps the masks and class probabilities and
+computes any set of rows on demand (bilinear resizing is separable: a row of ``up(M)``
+mixes two rows of M), chunked so that at most a bounded number of full-width mask rows
+exist at once.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+# bytes of sigmoid(up(M)) rows materialised at once
+_MASK_ROWS_BYTES = 64 * 2**20
 
 
-def semantic_scores(mask_logits: torch.Tensor, class_logits: torch.Tensor) -> torch.Tensor:
-    """sem[c] = sum_n softmax(class_logits_n)[c] * sigmoid(M_n), void dropped.
+def resize_matrix(n_in: int, n_out: int, device=None) -> torch.Tensor:
+    """(n_out, n_in) matrix R with R @ x == 1-D bilinear resize of x (align_corners=False)."""
+    eye = torch.eye(n_in, device=device)[None]  # (1, n_in, n_in): each column a unit signal
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].t()
 
-    mask_logits (B, N, h, w), class_logits (B, N, K+1) with the void class last ->
-    (B, K, h, w) at the mask resolution. Bilinear resizing is linear, so resizing these
-    maps afterwards equals resizing every mask first, at a fraction of the memory.
-    The void probability is dropped without renormalising (as DeOP).
+
+def semantic_scores(mask_logits: torch.Tensor, class_logits: torch.Tensor, size=None) -> torch.Tensor:
+    """Dense assembled scores (B, K, H, W) at ``size`` (default: the mask resolution).
+
+    The direct formula, for tests and small inputs: materialises B x N x H x W masks.
     """
     probs = class_logits.float().softmax(-1)[..., :-1]
-    return torch.einsum("bnk,bnhw->bkhw", probs, mask_logits.float().sigmoid())
+    masks = mask_logits.float()
+    if size is not None and tuple(size) != tuple(masks.shape[-2:]):
+        masks = F.interpolate(masks, size=tuple(size), mode="bilinear", align_corners=False)
+    return torch.einsum("bnk,bnhw->bkhw", probs, masks.sigmoid())
+
+
+class AssembledScores:
+    """Assembled class scores of a batch, (B, K, H, W) on the padded canvas, held as mask
+    logits (B, N, h, w) and class probabilities (B, N, K) and evaluated lazily.
+
+    ``image(i)`` -> the scores of one image (batch of one); ``rows(index)`` -> (B, K, n, W)
+    dense rows (``index`` a LongTensor of canvas rows); ``dense()`` -> (B, K, H, W).
+    ``select(start, stop)``, ``class_sum()`` and ``merge_classes`` act on the class
+    probabilities, which is exact because assembly is linear in them.
+    """
+
+    def __init__(self, mask_logits: torch.Tensor, class_logits: torch.Tensor | None, canvas,
+                 *, probs: torch.Tensor | None = None):
+        self.mask_logits = mask_logits
+        if probs is None:
+            probs = class_logits.float().softmax(-1)[..., :-1]
+        self.probs = probs  # (B, N, K)
+        self.canvas = (int(canvas[0]), int(canvas[1]))
+        self._col_matrix = None
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- tensor-like surface ------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.probs.shape[0], self.probs.shape[2], *self.canvas)
+
+    def __len__(self) -> int:
+        return self.probs.shape[0]
+
+    def _with(self, mask_logits: torch.Tensor, probs: torch.Tensor) -> AssembledScores:
+        return AssembledScores(mask_logits, None, self.canvas, probs=probs)
+
+    def image(self, index: int) -> AssembledScores:
+        return self._with(self.mask_logits[index : index + 1], self.probs[index : index + 1])
+
+    def __getitem__(self, index: int) -> AssembledScores:
+        return self.image(index)
+
+    def __iter__(self):
+        return (self.image(i) for i in range(len(self)))
+
+    def to(self, device) -> AssembledScores:
+        return self._with(self.mask_logits.to(device), self.probs.to(device))
+
+    def cpu(self) -> AssembledScores:
+        return self.to("cpu")
+
+    def float(self) -> AssembledScores:
+        return self._with(self.mask_logits.float(), self.probs.float())
+
+    def select(self, start: int, stop: int) -> AssembledScores:
+        """Classes [start, stop)."""
+        return self._with(self.mask_logits, self.probs[..., start:stop])
+
+    def class_sum(self) -> AssembledScores:
+        """The sum over classes, as a one-class score map."""
+        return self._with(self.mask_logits, self.probs.sum(-1, keepdim=True))
+
+    def merge_classes(self, index: int, count: int) -> AssembledScores:
+        """The last ``count`` classes summed into one, inserted at ``index``."""
+        k = self.probs.shape[-1]
+        others, merged = self.probs[..., : k - count], self.probs[..., k - count :].sum(-1, keepdim=True)
+        probs = torch.cat([others[..., :index], merged, others[..., index:]], -1)
+        return self._with(self.mask_logits, probs)
+
+    # -- evaluation ---------------------------------------------------------------------
+    def _mask_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """sigmoid(up(M)) at canvas rows ``index``: (B, N, n, W)."""
+        if self._cache is not None and torch.equal(self._cache[0], index):
+            return self._cache[1]
+        m = self.mask_logits.float()
+        h, w = m.shape[-2:]
+        height, width = self.canvas
+        if self._col_matrix is None:
+            self._col_matrix = resize_matrix(w, width, m.device)  # (W, w)
+        row_matrix = resize_matrix(h, height, m.device)[index.to(m.device)]  # (n, h)
+        rows = torch.einsum("yh,bnhw->bnyw", row_matrix, m)
+        out = torch.einsum("bnyw,xw->bnyx", rows, self._col_matrix).sigmoid_()
+        self._cache = (index.clone(), out)
+        return out
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Dense scores at canvas rows ``index`` (LongTensor): (B, K, n, W)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        b, n = self.mask_logits.shape[:2]
+        per_row = max(1, b * n * self.canvas[1] * 4)
+        step = max(1, _MASK_ROWS_BYTES // per_row)
+        parts = []
+        for start in range(0, index.numel(), step):
+            masks = self._mask_rows(index[start : start + step])
+            parts.append(torch.einsum("bnk,bnyx->bkyx", self.probs.float(), masks))
+        return torch.cat(parts, 2)
+
+    def dense(self) -> torch.Tensor:
+        """(B, K, H, W) dense scores, built in row chunks."""
+        return self.rows(torch.arange(self.canvas[0]))

@@ -9,12 +9,34 @@ and by the GKC-style family; DeOP ignores it at inference).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ProposalConfig
 from .layers import MLP, DecoderLayer, sine_position_embedding
+
+
+@dataclass
+class ProposalConfig:
+    """MaskFormer-style proposal generator on a timm backbone."""
+
+    backbone: str = "resnet101c"
+    backbone_kwargs: dict[str, Any] = field(default_factory=lambda: {"stem_width": 64})
+    conv_dim: int = 256
+    mask_dim: int = 256
+    hidden_dim: int = 256
+    num_queries: int = 100
+    num_heads: int = 8
+    dim_feedforward: int = 2048
+    dec_layers: int = 6
+    dropout: float = 0.1
+    norm_groups: int = 32
+    # Class head (MLP hidden_dim -> class_hidden -> text dim, cosine with text): used to
+    # train the proposals (matching), ignored by DeOP at inference.
+    class_hidden: int = 1024
 
 
 def _conv_gn(cin: int, cout: int, kernel: int, groups: int, relu: bool) -> nn.Sequential:

@@ -27,10 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CLIP_MEAN, CLIP_STD, ClipConfig, ModelConfig, PreprocessConfig, TextConfig
-from ..text import TextEncoder
 from .anchors import mask_average_pool
-from .clip_vit import DenseClipViT, create_open_clip, create_tokenizer, resolve_open_clip_config
-from .deop import normalise, valid_region
+from .preprocessing import normalise, valid_region
+from .registry import load_config, register_family, register_preset
+from .towers import (
+    TINY_CLIP_CFG,
+    build_dense_tower,
+    build_text_tower,
+    create_clip,
+    resolve_open_clip_config,
+    tower_kind,
+)
 
 # Severance variants that read the masks: they cannot run on an image alone.
 _NEEDS_MASKS = ("weighted", "mask-guided")
@@ -43,18 +50,15 @@ DEFAULT_SHORT_SIDE = 448
 DEFAULT_WINDOW = 448
 
 
-def check_supported(model_cfg: dict) -> None:
-    """Raise ``ValueError`` unless the open_clip config has a plain open_clip ViT image tower."""
-    vision = model_cfg.get("vision_cfg", {})
-    if vision.get("timm_model_name"):
+def check_supported(model_cfg: dict, severance: str = "none") -> None:
+    """Raise ``ValueError`` unless a dense adapter runs this CLIP's image tower with the
+    given severance (severance needs a ViT)."""
+    kind = tower_kind(ClipConfig(model_name="custom", model_cfg=model_cfg))
+    if severance != "none" and not kind.startswith("vit"):
         raise ValueError(
-            f"CLIP image tower {vision['timm_model_name']!r} comes from timm; the training-free "
-            "family needs an open_clip ViT (e.g. ViT-B-16, ViT-L-14)"
+            f"severance {severance!r} needs a ViT image tower; this CLIP's is {kind!r} "
+            "(use severance='none')"
         )
-    if isinstance(vision.get("layers"), (list, tuple)):
-        raise ValueError("CLIP ResNet image towers are not supported; use an open_clip ViT")
-    if vision.get("attentional_pool"):
-        raise ValueError("CLIP ViTs with an attentional pooler are not supported")
 
 
 def clip_model_config(
@@ -75,7 +79,7 @@ def clip_model_config(
     """
     model_name = model if isinstance(model, str) else "custom"
     model_cfg = resolve_open_clip_config(model_name, None if isinstance(model, str) else model)
-    check_supported(model_cfg)
+    check_supported(model_cfg, severance)
     patch = model_cfg.get("vision_cfg", {}).get("patch_size", 16)
     patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
     if interpolation not in ("bilinear", "bicubic", "nearest"):
@@ -116,22 +120,12 @@ class TrainingFreeCLIP(nn.Module):
 
     def __init__(self, config: ModelConfig, clip_model: nn.Module | None = None):
         super().__init__()
-        clip_cfg = resolve_open_clip_config(config.clip.model_name, config.clip.model_cfg)
-        check_supported(clip_cfg)
-        config.clip.model_cfg = clip_cfg  # the resolved architecture travels with the weights
         self.config = config
-        clip = clip_model if clip_model is not None else create_open_clip(clip_cfg)
-        self.clip_visual = DenseClipViT(
-            clip.visual,
-            severance=config.clip.severance,
-            severance_blocks=config.clip.severance_blocks,
-        )
-        self.text = TextEncoder(
-            clip,
-            create_tokenizer(clip_cfg),
-            templates=config.text.templates,
-            prompt_length=config.text.prompt_length,
-        )
+        if clip_model is None:
+            clip_model = create_clip(config.clip)  # resolves config.clip.model_cfg
+        check_supported(config.clip.model_cfg, config.clip.severance)
+        self.clip_visual = build_dense_tower(clip_model.visual, config.clip)
+        self.text = build_text_tower(clip_model, config.clip, config.text)
 
     @property
     def embed_dim(self) -> int:
@@ -140,9 +134,17 @@ class TrainingFreeCLIP(nn.Module):
     @property
     def needs_masks(self) -> bool:
         """True when the severance variant reads masks (``mask-guided``, ``weighted``)."""
-        return self.clip_visual.severance in _NEEDS_MASKS
+        return getattr(self.clip_visual, "severance", "none") in _NEEDS_MASKS
 
-    def encode_image(
+    def encode_image(self, images: torch.Tensor, image_sizes=None) -> dict:
+        """The vocabulary-independent pass: ``{"dense": (B, E, h, w)}`` normalised features."""
+        return {"dense": self.dense_features(images, image_sizes)}
+
+    def decode_scores(self, encoding: dict, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (B, K, h, w) of the dense features."""
+        return self.classify(encoding["dense"], text_embeddings)
+
+    def dense_features(
         self, images: torch.Tensor, image_sizes=None, masks: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Dense normalised CLIP features (B, E, h, w).
@@ -175,7 +177,7 @@ class TrainingFreeCLIP(nn.Module):
 
     def predict_scores(self, images: torch.Tensor, text_embeddings: torch.Tensor, image_sizes=None):
         """Inference: (B, 3, H, W) in [0, 1] -> (B, K, H/p, W/p) class probabilities."""
-        return self.classify(self.encode_image(images, image_sizes), text_embeddings)
+        return self.decode_scores(self.encode_image(images, image_sizes), text_embeddings)
 
     def mask_scores(
         self, dense: torch.Tensor, masks: torch.Tensor, text_embeddings: torch.Tensor
@@ -222,8 +224,8 @@ def load_training_free(
     """
     if source.folder is not None:
         return _from_onepass_folder(source, severance, templates, logit_scale)
-    check_supported(source.model_cfg)
-    clip = create_open_clip(source.model_cfg)
+    check_supported(source.model_cfg, severance)
+    clip = create_clip(ClipConfig(model_name=source.name, model_cfg=source.model_cfg))
     _load_open_clip_weights(clip, source.weights)
     if logit_scale is None:
         logit_scale = float(clip.logit_scale.detach().exp().reshape(-1)[0])
@@ -260,12 +262,12 @@ def _from_onepass_folder(source, severance, templates, logit_scale) -> TrainingF
 
     from ..hub import CONFIG_NAME, WEIGHTS_NAME
 
-    saved = ModelConfig.load(source.folder / CONFIG_NAME)
+    saved = load_config(source.folder / CONFIG_NAME)
     model_cfg = resolve_open_clip_config(saved.clip.model_name, saved.clip.model_cfg)
     if logit_scale is None:
-        # the scale the saved model classified with
-        deop = saved.family == "deop"
-        logit_scale = saved.anchors.logit_scale if deop else saved.clip.logit_scale
+        # the scale the saved model classified with (DeOP's classifier keeps its own)
+        anchors = getattr(saved.family_config, "anchors", None)
+        logit_scale = anchors.logit_scale if anchors is not None else saved.clip.logit_scale
     config = clip_model_config(
         model_cfg,
         name=source.name,
@@ -277,6 +279,7 @@ def _from_onepass_folder(source, severance, templates, logit_scale) -> TrainingF
         interpolation=saved.preprocess.interpolation,
     )
     config.clip.model_name = source.name
+    config.clip.conv_stem = saved.clip.conv_stem
     # the CLIP was trained (and its positions tuned) at the saved model's working size
     for field in ("short_side", "max_long_side", "window"):
         setattr(config.preprocess, field, getattr(saved.preprocess, field))
@@ -301,3 +304,32 @@ def _from_onepass_folder(source, severance, templates, logit_scale) -> TrainingF
             state[key] = tensor.to(ref.dtype)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def _upgrade_v1(data: dict) -> dict:
+    """Format 1 stored DeOP's proposal and CAL sections in every config; unused here."""
+    data.pop("proposals", None)
+    data.pop("anchors", None)
+    return data
+
+
+register_family(
+    "clip",
+    build=TrainingFreeCLIP,
+    upgrade=_upgrade_v1,
+    description="training-free: one CLIP pass with last-block severance, dense classification",
+)
+
+
+@register_preset
+def clip_vit_b16() -> ModelConfig:
+    """ViT-B/16 with OpenAI's architecture (QuickGELU), random weights: for benchmarks and
+    tests; pretrained weights come through ``Segmenter.from_clip`` / ``clip:`` names."""
+    model_cfg = {**resolve_open_clip_config("ViT-B-16", None), "quick_gelu": True}
+    return clip_model_config(model_cfg, name="clip-vit-b16")
+
+
+@register_preset
+def clip_tiny() -> ModelConfig:
+    """A toy-sized training-free model for tests (random weights)."""
+    return clip_model_config(copy.deepcopy(TINY_CLIP_CFG), name="clip-tiny", templates="single")

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .assembly import semantic_scores
-from .deop import DeOP, normalise, valid_region
+from .assembly import AssembledScores
+from .deop import DeOP
+from .preprocessing import normalise, valid_region
 
 
 class TwoStreamBaseline(nn.Module):
@@ -67,7 +68,7 @@ class TwoStreamBaseline(nn.Module):
         return torch.stack(out)
 
     def predict_scores(self, images: torch.Tensor, text_embeddings: torch.Tensor, image_sizes=None):
-        """(B, 3, H, W) in [0, 1] -> (B, K, H/4, W/4) scores; N CLIP passes per image."""
+        """(B, 3, H, W) in [0, 1] -> (B, K, H, W) assembled scores; N CLIP passes per image."""
         deop = self.deop
         pre = self.config.preprocess
         valid = valid_region(image_sizes, images.shape, images.device, images.dtype)
@@ -82,10 +83,10 @@ class TwoStreamBaseline(nn.Module):
             embeddings = []
             for start in range(0, len(crops), self.crop_batch):
                 batch = normalise(crops[start : start + self.crop_batch], pre.clip_mean, pre.clip_std, None)
-                embeddings.append(deop.clip_visual.encode_image(batch.to(images.dtype)))
+                embeddings.append(deop.clip_visual.global_embedding(batch.to(images.dtype)))
             emb = F.normalize(torch.cat(embeddings).float(), dim=-1)
             class_logits = deop.logit_scale * emb @ text_embeddings.float().t()
             # no void class in a two-stream classifier: give it zero probability
             void = class_logits.new_full((class_logits.shape[0], 1), -1e4)
             logits.append(torch.cat([class_logits, void], 1))
-        return semantic_scores(mask_logits, torch.stack(logits))
+        return AssembledScores(mask_logits, torch.stack(logits), images.shape[-2:])

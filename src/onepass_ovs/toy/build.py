@@ -33,14 +33,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import (
-    AnchorConfig,
-    ClipConfig,
-    ModelConfig,
-    PreprocessConfig,
-    ProposalConfig,
-    TextConfig,
-)
+from ..config import ClipConfig, ModelConfig, PreprocessConfig, TextConfig
+from ..models.anchors import AnchorConfig
+from ..models.deop import DeOPConfig
+from ..models.proposals import ProposalConfig
 from . import scenes
 
 EVAL_SEED = 20_261_121  # the evaluation stream; never used for training or tuning
@@ -64,6 +60,7 @@ def demo_config(clip_cfg: dict) -> ModelConfig:
             severance="weighted",
             severance_blocks=(layers - 1,),
         ),
+        family_config=DeOPConfig(
         proposals=ProposalConfig(
             backbone="resnet18",
             backbone_kwargs={"channels": [16, 32, 64, 128], "stem_width": 16},
@@ -79,6 +76,7 @@ def demo_config(clip_cfg: dict) -> ModelConfig:
             class_hidden=128,
         ),
         anchors=AnchorConfig(num_heads=4, dim_feedforward=256, dropout=0.1),
+        ),
         text=TextConfig(templates="single", prompt_length=0),
     )
 

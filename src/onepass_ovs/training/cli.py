@@ -102,10 +102,10 @@ def open_dataset(data: Path | None, coco_stuff: Path | None, split: str, unseen:
 def load_segmenter(name: str, *, seed: int = 0, device: str | None = None):
     """A preset name -> random init (seeded); anything else -> ``from_pretrained``."""
     from .. import ModelNotAvailableError, Segmenter
-    from ..config import PRESET_CONFIGS
+    from ..models.registry import list_presets
 
     try:
-        if name in PRESET_CONFIGS:
+        if name in list_presets():
             return Segmenter.from_config(name, device=device, seed=seed)
         return Segmenter.from_pretrained(name, device=device)
     except ModelNotAvailableError as err:

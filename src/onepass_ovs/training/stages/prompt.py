@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...models.deop import normalise
+from ...models.preprocessing import normalise
 from ...segmenter import Segmenter
 from ...text import parse_vocabulary
 from .. import IGNORE_INDEX
@@ -60,12 +60,12 @@ class PromptStage(StageModel):
         config = self.model.config
         pre = config.preprocess
         with torch.no_grad():  # the image tower is frozen: no activations kept
-            image_emb = self.clip_visual.encode_image(
+            image_emb = self.clip_visual.global_embedding(
                 normalise(images, pre.clip_mean, pre.clip_std, None)
             )
             image_emb = F.normalize(image_emb.float(), dim=-1)
         text_emb = self.text(self.class_names)  # (K, E), with grad through the context
-        logits = config.anchors.logit_scale * image_emb @ text_emb.float().t()
+        logits = config.family_config.anchors.logit_scale * image_emb @ text_emb.float().t()
         target = self.label_lookup[class_ids]
         loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
         accuracy = (logits.argmax(-1) == target).float().mean()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...models.deop import normalise
+from ...models.preprocessing import normalise
 from ...models.proposals import ProposalClassifier
 from ...segmenter import Segmenter
 from ..augment import proposal_train_augment

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from onepass_ovs.config import TINY_CLIP_CFG
-from onepass_ovs.models.clip_vit import DenseClipViT, create_open_clip, interpolate_positions
+from onepass_ovs.config import ClipConfig
+from onepass_ovs.models.towers import TINY_CLIP_CFG, DenseViT, create_clip, interpolate_positions
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def vit_b16():
 def test_parity_with_open_clip_vit_b16(vit_b16):
     """Severance off, no learned positions: tokens and pooled embedding equal open_clip's."""
     visual = vit_b16.visual
-    dense = DenseClipViT(visual, severance="none").eval()
+    dense = DenseViT(visual, severance="none").eval()
     images = torch.randn(2, 3, 224, 224)
 
     visual.output_tokens = True
@@ -35,7 +37,7 @@ def test_parity_with_open_clip_vit_b16(vit_b16):
     assert grid == (14, 14)
     # open_clip's tokens are after ln_post (not projected)
     torch.testing.assert_close(dense.ln_post(tokens[:, 1:]), tokens_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dense.encode_image(images), vit_b16.encode_image(images), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense.global_embedding(images), vit_b16.encode_image(images), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pooled_ref, vit_b16.encode_image(images), atol=1e-5, rtol=1e-5)
 
 
@@ -53,21 +55,21 @@ def test_interpolate_positions_identity_and_resize():
 
 def _tiny_visual(seed=0):
     torch.manual_seed(seed)
-    return create_open_clip(TINY_CLIP_CFG).visual.eval()
+    return create_clip(ClipConfig(model_cfg=copy.deepcopy(TINY_CLIP_CFG))).visual.eval()
 
 
 @torch.no_grad()
 def test_learned_positions_start_at_zero_and_change_output():
     visual = _tiny_visual()
-    plain = DenseClipViT(visual, severance="none")
-    learned = DenseClipViT(visual, learned_pos_grid=4, learned_pos_blocks=(1,), severance="none")
+    plain = DenseViT(visual, severance="none")
+    learned = DenseViT(visual, learned_pos_grid=4, learned_pos_blocks=(1,), severance="none")
     images = torch.randn(1, 3, 96, 64)  # non-square grid 6 x 4
     torch.testing.assert_close(learned(images)[0], plain(images)[0])
     learned.learned_pos[1].add_(torch.randn_like(learned.learned_pos[1]))
     assert not torch.allclose(learned(images)[0], plain(images)[0])
 
 
-def _dense_severed_block(dense: DenseClipViT, block, x, token_masks, variant):
+def _dense_severed_block(dense: DenseViT, block, x, token_masks, variant):
     """Direct, slow implementations of each severance formula (explicit attention matrices)."""
     attn = block.attn
     width = dense.width
@@ -106,13 +108,13 @@ def _dense_severed_block(dense: DenseClipViT, block, x, token_masks, variant):
 @torch.no_grad()
 def test_severance_variants_match_dense_formula(variant):
     visual = _tiny_visual(1)
-    dense = DenseClipViT(visual, severance=variant, severance_blocks=(-1,))
+    dense = DenseViT(visual, severance=variant, severance_blocks=(-1,))
     images = torch.randn(2, 3, 64, 48)
     mask_logits = torch.randn(2, 5, 16, 12) * 3
     grid = dense.grid_size(64, 48)
     token_masks = dense.token_masks(mask_logits, grid)
     # tokens before the last block, computed with severance off
-    plain = DenseClipViT(visual, severance="none")
+    plain = DenseViT(visual, severance="none")
     x = plain.forward_tokens(images)[0]
     # re-run all but the last block by hand
     x0 = images
@@ -131,7 +133,7 @@ def test_severance_variants_match_dense_formula(variant):
 
 def test_token_masks_order_downsample_then_sigmoid():
     logits = torch.randn(1, 3, 8, 8) * 4
-    tm = DenseClipViT.token_masks(logits, (2, 2))
+    tm = DenseViT.token_masks(logits, (2, 2))
     assert tm.shape == (1, 5, 3)
     torch.testing.assert_close(tm[:, 0], torch.ones(1, 3))
     expected = F.interpolate(logits, size=(2, 2), mode="bilinear", align_corners=False).sigmoid()
@@ -139,6 +141,6 @@ def test_token_masks_order_downsample_then_sigmoid():
 
 
 def test_rejects_sizes_not_multiple_of_patch():
-    dense = DenseClipViT(_tiny_visual(), severance="none")
+    dense = DenseViT(_tiny_visual(), severance="none")
     with pytest.raises(ValueError, match="multiple of the patch"):
         dense(torch.randn(1, 3, 50, 64))
