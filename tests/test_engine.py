@@ -16,16 +16,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from onepass_ovs.training import engine
-from onepass_ovs.training.engine import (
-    SampleOrder,
-    TrainConfig,
+from onepass_ovs.training import checkpoints
+from onepass_ovs.training.checkpoints import (
     find_latest_checkpoint,
     list_checkpoints,
     load_model_weights,
-    lr_factor,
-    param_groups,
 )
+from onepass_ovs.training.config import TrainConfig
+from onepass_ovs.training.optim import param_groups
+from onepass_ovs.training.sampling import SampleOrder
+from onepass_ovs.training.schedule import lr_factor
 
 _WORKER_PATH = Path(__file__).with_name("_engine_worker.py")
 _spec = importlib.util.spec_from_file_location("_engine_worker", _WORKER_PATH)
@@ -307,7 +307,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
 
     # Control: without restoring the RNG the dropout masks differ and so do the losses,
     # so the equality above really depends on the saved RNG state.
-    monkeypatch.setattr(engine, "_restore_rng", lambda *args: None)
+    monkeypatch.setattr(checkpoints, "restore_rng", lambda *args: None)
     unrestored = worker.make_trainer(tmp_path / "run", steps=10, checkpoint_every=6)
     unrestored.fit(resume=tmp_path / "run" / "checkpoints" / "step_00000006")
     assert losses(tmp_path / "run")[6:] != losses(tmp_path / "full")[6:]
@@ -323,11 +323,11 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
             raise OSError("simulated kill during the checkpoint rename")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(engine.os, "replace", dying_replace)
+    monkeypatch.setattr(checkpoints.os, "replace", dying_replace)
     run_dir = tmp_path / "run"
     with pytest.raises(OSError, match="simulated kill"):
         worker.make_trainer(run_dir, steps=9, checkpoint_every=3).fit()
-    monkeypatch.setattr(engine.os, "replace", real_replace)
+    monkeypatch.setattr(checkpoints.os, "replace", real_replace)
 
     root = run_dir / "checkpoints"
     (temp,) = root.glob(".step_00000006.tmp-*")

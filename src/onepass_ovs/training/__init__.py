@@ -1,4 +1,10 @@
-"""Training: datasets, augmentation, matching, losses and DeOP's three training stages.
+"""Training: the engine, augmentation, matching, losses and DeOP's three training stages.
+
+Datasets and ``IGNORE_INDEX`` live in :mod:`onepass_ovs.data` (shared with evaluation).
+The engine is split by concern: :mod:`.config` (:class:`TrainConfig`), :mod:`.schedule`
+(lr schedule), :mod:`.optim` (parameter groups, optimizer), :mod:`.sampling` (seeds and
+data order), :mod:`.checkpoints` (atomic safetensors checkpoints) and :mod:`.trainer`
+(:class:`Trainer`, the loop).
 
 Importing this package is cheap: it pulls in neither scipy (needed only when a
 :class:`HungarianMatcher` runs) nor any model code; the names below are imported
@@ -10,25 +16,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# In-memory label value of an unlabelled pixel, shared by every label map, loss and
-# metric in the library (see ``onepass_ovs.training.data`` for the file rule).
-IGNORE_INDEX = -1
-
 _LAZY = {
-    "data": (
-        "COCO_STUFF_CLASSES",
-        "COCO_STUFF_UNSEEN",
-        "CocoStuffDataset",
-        "DatasetError",
-        "FolderDataset",
-        "RegionDataset",
-        "collate",
-        "read_class_names",
-        "read_image",
-        "read_label",
-        "save_label_png",
-        "semantic_to_instances",
-    ),
+    "config": ("TrainConfig",),
+    "trainer": ("Trainer",),
+    "checkpoints": ("find_latest_checkpoint", "list_checkpoints", "load_model_weights"),
     "augment": (
         "CLIP_MEAN_RGB",
         "ColorJitter",
@@ -37,8 +28,6 @@ _LAZY = {
         "deop_train_augment",
         "proposal_train_augment",
         "region_crop",
-        "sample_generator",
-        "sample_seed",
     ),
     "matcher": ("HungarianMatcher",),
     "losses": ("SetCriterion", "assembled_map_loss", "dice_loss", "sigmoid_focal_loss"),
@@ -46,7 +35,7 @@ _LAZY = {
 }
 _NAME_TO_MODULE = {name: module for module, names in _LAZY.items() for name in names}
 
-__all__ = ["IGNORE_INDEX", *sorted(_NAME_TO_MODULE)]
+__all__ = sorted(_NAME_TO_MODULE)
 
 
 def __getattr__(name: str) -> Any:

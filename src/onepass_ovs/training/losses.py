@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onepass_ovs.training import IGNORE_INDEX
+from onepass_ovs.data import IGNORE_INDEX
 from onepass_ovs.training.matcher import HungarianMatcher
 
 __all__ = ["sigmoid_focal_loss", "dice_loss", "SetCriterion", "assembled_map_loss"]
