@@ -162,6 +162,19 @@ def test_ids_beyond_class_list_are_named(folder):
         FolderDataset(root).validate()
 
 
+def test_negative_class_ids_are_rejected_naming_the_file(folder):
+    root, _ = folder
+    # a 32-bit signed integer image (TIFF content under the .png name PIL opens anyway)
+    ids = np.array([[0, -3, 1], [2, -1, 1], [0, 0, 0]], dtype=np.int32)
+    Image.fromarray(ids).save(root / "masks" / "b.png", format="TIFF")
+    assert Image.open(root / "masks" / "b.png").mode == "I"
+    with pytest.raises(DatasetError, match=r"mask .*b\.png has negative class ids \[-3, -1\]"):
+        read_label(root / "masks" / "b.png", 4)
+    # the same image without negatives reads as class ids (65535 would be ignore)
+    Image.fromarray(np.abs(ids)).save(root / "masks" / "b.png", format="TIFF")
+    assert read_label(root / "masks" / "b.png", 4).tolist() == np.abs(ids).tolist()
+
+
 def test_unreadable_files_are_named(folder):
     root, _ = folder
     (root / "images" / "a.png").write_bytes(b"not a png")

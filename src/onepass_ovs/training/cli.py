@@ -7,7 +7,7 @@
 Every stage ends with ``--output`` holding ``config.json`` + ``model.safetensors`` (load
 it with ``Segmenter.from_pretrained`` or pass it as the next stage's ``--model``), the
 run's log and checkpoints under ``--output/training``. Defaults are the paper's
-(METHODS.md 1.2); ``torchrun --nproc_per_node N $(which ovs-train) ...`` trains on N
+(docs/training.md); ``torchrun --nproc_per_node N $(which ovs-train) ...`` trains on N
 processes (rank 0 writes the output).
 """
 

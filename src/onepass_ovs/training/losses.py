@@ -172,7 +172,7 @@ def assembled_map_loss(
     focal_gamma: float = 2.0,
     sigmoid_before_upsample: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """DeOP stage-3 loss on the assembled semantic map (METHODS.md 1.2).
+    """DeOP stage-3 loss on the assembled semantic map (docs/training.md).
 
     Args:
         mask_logits: ``(B, N, h, w)`` proposal mask logits M.

@@ -38,7 +38,7 @@ STAGES = ("prompt", "proposals", "deop")
 RUN_DIR = "training"
 STAGE_FILE = "stage.json"
 
-# The paper's recipes (METHODS.md 1.2). ``batch_size`` is per process: the paper's batch
+# The paper's recipes (docs/training.md). ``batch_size`` is per process: the paper's batch
 # is the global one, ``batch_size * grad_accum_steps * world_size``.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "prompt": {
@@ -159,10 +159,16 @@ def load_clip_weights(
     from ...models.clip_vit import create_open_clip
 
     model = deop_model(segmenter)
+    spec = str(spec)
+    if not spec.startswith(("hf-hub:", "local-dir:")) and "/" not in spec:
+        raise ValueError(
+            "--clip expects 'MODEL/TAG' (e.g. 'ViT-B-16/openai'), 'hf-hub:org/repo' or "
+            f"'local-dir:/path'; got {spec!r}"
+        )
     try:
         source = resolve_clip(spec, cache_dir=cache_dir, local_files_only=local_files_only)
     except (ModelNotAvailableError, ValueError) as err:
-        raise ValueError(f"cannot load the CLIP weights {spec!r}: {err}") from err
+        raise ValueError(f"cannot load the open_clip weights {spec!r}: {err}") from err
     if source.folder is not None:
         raise ValueError(
             f"{spec!r} is a onepass model, not an open_clip checkpoint: start from it with "
