@@ -25,6 +25,11 @@ _spec = importlib.util.spec_from_file_location(
 )
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
+_spec = importlib.util.spec_from_file_location(
+    "_hub_helpers", Path(__file__).with_name("_hub_helpers.py")
+)
+hub_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hub_helpers)
 
 runner = CliRunner()
 FAST = ["--workers", "0", "--no-progress", "--log-every", "1"]
@@ -214,8 +219,6 @@ def test_a_corrupt_mask_met_in_a_loader_worker_is_one_line(data_root, tmp_path):
 
 # -- --clip: the CLIP's safetensors through hub.resolve_clip, never a pickle ------------------
 
-CLIP_COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
 
 def _tiny_open_clip_folder(folder):
     """deop-tiny's CLIP architecture with random weights, in open_clip's Hub format."""
@@ -231,19 +234,6 @@ def _tiny_open_clip_folder(folder):
     state = {k: v.contiguous() for k, v in clip.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
     return clip
-
-
-def _hf_cache(cache, repo, files):
-    """What an earlier huggingface_hub download leaves: snapshots/<commit>/... + refs/main."""
-    import shutil
-
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = root / "snapshots" / CLIP_COMMIT
-    snapshot.mkdir(parents=True)
-    for path in files:
-        shutil.copy(path, snapshot / path.name)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(CLIP_COMMIT)
 
 
 @pytest.fixture
@@ -280,7 +270,7 @@ def test_train_clip_loads_the_safetensors_inference_uses(data_root, tmp_path, cl
     from onepass_ovs.hub import resolve_clip
 
     clip, folder, cache, unpickled = clip_tag
-    _hf_cache(cache, "someone/tiny-clip", sorted(folder.iterdir()))
+    hub_helpers.populate_hf_cache(cache, "someone/tiny-clip", sorted(folder.iterdir()))
     out = tmp_path / "out"
     ok(train("deop", "--data", data_root, "--model", "deop-tiny", "--clip", "Onepass-Tiny/shapes",
              "--output", out, "--steps", 1, "--batch-size", 2))  # fmt: skip
@@ -297,7 +287,9 @@ def test_train_clip_never_unpickles_and_takes_local_folders(tmp_path, clip_tag):
     from onepass_ovs.training.stages import load_clip_weights
 
     clip, folder, cache, unpickled = clip_tag
-    _hf_cache(cache, "someone/tiny-clip", [folder / "open_clip_pytorch_model.bin"])
+    hub_helpers.populate_hf_cache(
+        cache, "someone/tiny-clip", [folder / "open_clip_pytorch_model.bin"]
+    )
     segmenter = Segmenter.from_config("deop-tiny", device="cpu", seed=0)
     with pytest.raises(ValueError, match="open_clip_model.safetensors"):
         load_clip_weights(segmenter, "Onepass-Tiny/shapes")

@@ -13,8 +13,7 @@ here and every other name is imported from its module on first access.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 #: In-memory label value of an unlabelled pixel, shared by every label map, loss and
 #: metric in the library (see :mod:`onepass_ovs.data.files` for the rule on disk).
@@ -40,19 +39,5 @@ _LAZY = {
     ),
     "batching": ("collate", "semantic_to_instances"),
 }
-_NAME_TO_MODULE = {name: module for module, names in _LAZY.items() for name in names}
-
-__all__ = ["IGNORE_INDEX", *sorted(_NAME_TO_MODULE)]
-
-
-def __getattr__(name: str) -> Any:
-    module = _NAME_TO_MODULE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, _NAMES = lazy_exports(__name__, globals(), _LAZY)
+__all__ = ["IGNORE_INDEX", *_NAMES]

@@ -13,8 +13,7 @@ from their modules on first access.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 _LAZY = {
     "config": ("TrainConfig",),
@@ -33,19 +32,5 @@ _LAZY = {
     "losses": ("SetCriterion", "assembled_map_loss", "dice_loss", "sigmoid_focal_loss"),
     "stages": ("default_config", "train_deop", "train_prompt", "train_proposals"),
 }
-_NAME_TO_MODULE = {name: module for module, names in _LAZY.items() for name in names}
-
-__all__ = sorted(_NAME_TO_MODULE)
-
-
-def __getattr__(name: str) -> Any:
-    module = _NAME_TO_MODULE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, _NAMES = lazy_exports(__name__, globals(), _LAZY)
+__all__ = _NAMES
