@@ -39,12 +39,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from onepass_ovs import Segmenter
+    from onepass_ovs.data import FolderDataset
     from onepass_ovs.evaluation.evaluate import evaluate
     from onepass_ovs.models.two_stream import TwoStreamBaseline
     from onepass_ovs.toy import scenes
     from onepass_ovs.toy.build import EVAL_SEED
     from onepass_ovs.toy.export import export_folder
-    from onepass_ovs.training.data import FolderDataset
 
     seed = EVAL_SEED + 1 if args.seed is None else args.seed  # fresh: not the build's eval set
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,7 +43,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from onepass_ovs import Segmenter
-    from onepass_ovs.models.deop import normalise
+    from onepass_ovs.models.preprocessing import normalise
     from onepass_ovs.models.two_stream import TwoStreamBaseline
 
     seg = Segmenter.from_config(args.model, device=args.device, seed=0)

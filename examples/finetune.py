@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image
 
 from onepass_ovs import Segmenter
+from onepass_ovs.data import FolderDataset
 from onepass_ovs.evaluation import evaluate
-from onepass_ovs.training import FolderDataset, default_config, train_deop, train_proposals
+from onepass_ovs.training import default_config, train_deop, train_proposals
 from onepass_ovs.training.augment import SegmentationAugment
 
 CLASSES = ["background", "red box", "green box", "blue box", "yellow box"]

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from onepass_ovs.training.config import TrainConfig
 from onepass_ovs.training.distributed import destroy_distributed, unwrap
-from onepass_ovs.training.engine import TrainConfig, Trainer, seed_everything
+from onepass_ovs.training.sampling import seed_everything
+from onepass_ovs.training.trainer import Trainer
 
 NUM_CLASSES = 3
 

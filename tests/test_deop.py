@@ -108,7 +108,7 @@ def test_every_severance_variant_runs_in_the_model(variant):
 
 
 def test_padding_is_zero_in_normalised_space():
-    from onepass_ovs.models.deop import normalise, valid_region
+    from onepass_ovs.models.preprocessing import normalise, valid_region
 
     img = torch.rand(2, 3, 8, 12)
     valid = valid_region([(8, 12), (5, 7)], img.shape, img.device, img.dtype)

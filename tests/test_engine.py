@@ -16,16 +16,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from onepass_ovs.training import engine
-from onepass_ovs.training.engine import (
-    SampleOrder,
-    TrainConfig,
+from onepass_ovs.data import DatasetError
+from onepass_ovs.training import checkpoints
+from onepass_ovs.training.checkpoints import (
     find_latest_checkpoint,
     list_checkpoints,
     load_model_weights,
-    lr_factor,
-    param_groups,
 )
+from onepass_ovs.training.config import TrainConfig
+from onepass_ovs.training.optim import param_groups
+from onepass_ovs.training.sampling import SampleOrder
+from onepass_ovs.training.schedule import lr_factor
 
 _WORKER_PATH = Path(__file__).with_name("_engine_worker.py")
 _spec = importlib.util.spec_from_file_location("_engine_worker", _WORKER_PATH)
@@ -307,7 +308,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
 
     # Control: without restoring the RNG the dropout masks differ and so do the losses,
     # so the equality above really depends on the saved RNG state.
-    monkeypatch.setattr(engine, "_restore_rng", lambda *args: None)
+    monkeypatch.setattr(checkpoints, "restore_rng", lambda *args: None)
     unrestored = worker.make_trainer(tmp_path / "run", steps=10, checkpoint_every=6)
     unrestored.fit(resume=tmp_path / "run" / "checkpoints" / "step_00000006")
     assert losses(tmp_path / "run")[6:] != losses(tmp_path / "full")[6:]
@@ -323,11 +324,11 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
             raise OSError("simulated kill during the checkpoint rename")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(engine.os, "replace", dying_replace)
+    monkeypatch.setattr(checkpoints.os, "replace", dying_replace)
     run_dir = tmp_path / "run"
     with pytest.raises(OSError, match="simulated kill"):
         worker.make_trainer(run_dir, steps=9, checkpoint_every=3).fit()
-    monkeypatch.setattr(engine.os, "replace", real_replace)
+    monkeypatch.setattr(checkpoints.os, "replace", real_replace)
 
     root = run_dir / "checkpoints"
     (temp,) = root.glob(".step_00000006.tmp-*")
@@ -341,6 +342,72 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     assert_same_weights(model, reference)
     assert losses(run_dir) == losses(tmp_path / "ref")
     assert not list(root.glob(".step_*"))  # leftovers cleaned by the next save
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_naming_it(tmp_path, caplog):
+    reference = worker.make_trainer(tmp_path / "ref", steps=9, checkpoint_every=3).fit()
+    run_dir = tmp_path / "run"
+    crashing = worker.make_trainer(run_dir, steps=9, checkpoint_every=3, loss_fn=worker.CrashAt(8))
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    newest = run_dir / "checkpoints" / "step_00000006"
+    assert [s for s, _ in list_checkpoints(run_dir)] == [3, 6]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-40])  # a torn copy: still "complete"
+    assert find_latest_checkpoint(run_dir) == newest
+
+    with pytest.raises(checkpoints.CheckpointError, match=r"step_00000006: model.safetensors"):
+        checkpoints.read_checkpoint(newest)
+    with caplog.at_level("WARNING", logger="onepass_ovs.training"):
+        model = worker.make_trainer(run_dir, steps=9, checkpoint_every=3).fit(resume="auto")
+    warned = "\n".join(r.getMessage() for r in caplog.records)
+    assert "step_00000006" in warned and "step_00000003" in warned
+    # resumed from step 3: the result is the uninterrupted run's, bit for bit
+    assert_same_weights(model, reference)
+    assert losses(run_dir) == losses(tmp_path / "ref")
+    checkpoints.read_checkpoint(newest)  # rewritten whole when training passed step 6
+
+
+def test_damaged_checkpoints_are_detected_and_never_silently_skipped(tmp_path):
+    run_dir = tmp_path / "run"
+    worker.make_trainer(run_dir, steps=4, checkpoint_every=2).fit()
+    first, second = (path for _, path in list_checkpoints(run_dir))
+    # same size, one flipped byte in the tensor data: caught by the recorded sha256
+    optimizer_file = second / "optimizer.safetensors"
+    data = bytearray(optimizer_file.read_bytes())
+    data[-3] ^= 0x55
+    optimizer_file.write_bytes(bytes(data))
+    with pytest.raises(checkpoints.CheckpointError, match="optimizer.safetensors fails its sha256"):
+        checkpoints.read_checkpoint(second)
+    # an explicit path is not replaced by another checkpoint: the error names it
+    with pytest.raises(checkpoints.CheckpointError, match="step_00000004"):
+        worker.make_trainer(run_dir, steps=6).fit(resume=second)
+    (first / "trainer_state.json").write_text('{"format": "onepass_ovs.train')  # torn JSON
+    with pytest.raises(checkpoints.CheckpointError, match="no usable checkpoint") as info:
+        worker.make_trainer(run_dir, steps=6).fit(resume="auto")
+    assert "step_00000002" in str(info.value) and "step_00000004" in str(info.value)
+
+
+class _DatasetWithABadFile(worker.TinySegData):
+    def __getitem__(self, index: int) -> dict:
+        if index == 5:
+            raise DatasetError("cannot read mask /data/masks/x005.png: image file is truncated")
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_dataset_error_in_a_loader_worker_keeps_its_own_message(tmp_path, num_workers):
+    config = TrainConfig(
+        steps=12, batch_size=4, num_workers=num_workers, progress_bar=False, checkpoint_every=0,
+        output_dir=str(tmp_path), device="cpu",
+    )  # fmt: skip
+    trainer = worker.Trainer(
+        worker.TinySegNet(), worker.segmentation_loss, _DatasetWithABadFile(), config
+    )
+    with pytest.raises(DatasetError) as info:
+        trainer.fit()
+    # not "Caught DatasetError in DataLoader worker process 0. Original Traceback ..."
+    assert str(info.value) == "cannot read mask /data/masks/x005.png: image file is truncated"
 
 
 def test_frozen_params_can_stay_out_of_checkpoints(tmp_path):

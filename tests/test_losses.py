@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onepass_ovs.training import IGNORE_INDEX
+from onepass_ovs.data import IGNORE_INDEX
 from onepass_ovs.training.losses import SetCriterion, assembled_map_loss
 from onepass_ovs.training.matcher import HungarianMatcher
 

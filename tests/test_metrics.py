@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from onepass_ovs.data import IGNORE_INDEX
 from onepass_ovs.evaluation import UNKNOWN, ConfusionMatrix, seen_unseen
-from onepass_ovs.training import IGNORE_INDEX
 
 # 3 classes; one ignore pixel (bottom right) and one "unknown" prediction.
 TARGET = np.array([[0, 0, 1], [1, 2, IGNORE_INDEX]])

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from onepass_ovs import Segmenter
+from onepass_ovs.data import DatasetError, FolderDataset
 from onepass_ovs.evaluation import evaluate
 from onepass_ovs.training.augment import SegmentationAugment
-from onepass_ovs.training.data import DatasetError, FolderDataset
 from onepass_ovs.training.stages import (
     STAGE_DEFAULTS,
     default_config,

@@ -25,6 +25,11 @@ _spec = importlib.util.spec_from_file_location(
 )
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
+_spec = importlib.util.spec_from_file_location(
+    "_hub_helpers", Path(__file__).with_name("_hub_helpers.py")
+)
+hub_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hub_helpers)
 
 runner = CliRunner()
 FAST = ["--workers", "0", "--no-progress", "--log-every", "1"]
@@ -194,3 +199,105 @@ def test_coco_stuff_layout_trains_and_evaluates(tmp_path):
                                          "--unseen", "cow", "--json"]))  # fmt: skip
     report = json.loads(result.stdout)
     assert len(report["per_class"]) == 171 and report["num_images"] == 2
+
+
+def test_a_corrupt_mask_met_in_a_loader_worker_is_one_line(data_root, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    bad = data / "masks" / "img005.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated; img000 (checked up front) is fine
+    args = ["deop", "--data", data, "--model", "deop-tiny", "--output", tmp_path / "out",
+            "--steps", 4, "--batch-size", 2, "--workers", 1, "--no-progress"]  # fmt: skip
+    result = runner.invoke(train_app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(bad) in errors[0], result.output
+    assert "Traceback" not in result.output and "worker process" not in result.output
+
+
+# -- --clip: the CLIP's safetensors through hub.resolve_clip, never a pickle ------------------
+
+
+def _tiny_open_clip_folder(folder):
+    """deop-tiny's CLIP architecture with random weights, in open_clip's Hub format."""
+    from onepass_ovs.models.clip_vit import create_open_clip
+    from safetensors.torch import save_file
+
+    from onepass_ovs.config import TINY_CLIP_CFG
+
+    torch.manual_seed(11)
+    clip = create_open_clip(TINY_CLIP_CFG).eval()
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG}))
+    state = {k: v.contiguous() for k, v in clip.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return clip
+
+
+@pytest.fixture
+def clip_tag(tmp_path, monkeypatch):
+    """An open_clip tag 'Onepass-Tiny/shapes' whose Hub repo sits in an offline HF cache
+    (the default cache, as inference uses it), next to a pickled .bin that must never load."""
+    import copy
+
+    import huggingface_hub.constants
+    from open_clip import factory, pretrained
+
+    from onepass_ovs.config import TINY_CLIP_CFG
+
+    clip = _tiny_open_clip_folder(tmp_path / "clip")
+    (tmp_path / "clip" / "open_clip_pytorch_model.bin").write_bytes(b"\x80\x04 a pickle")
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "Onepass-Tiny", copy.deepcopy(TINY_CLIP_CFG))
+    monkeypatch.setitem(
+        pretrained._PRETRAINED, "Onepass-Tiny", {"shapes": {"hf_hub": "someone/tiny-clip/"}}
+    )
+    cache = tmp_path / "hf_cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    unpickled = []
+
+    def no_torch_load(*args, **kwargs):
+        unpickled.append(args[0] if args else kwargs)
+        raise AssertionError(f"torch.load called on {args[:1]}")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    return clip, tmp_path / "clip", cache, unpickled
+
+
+def test_train_clip_loads_the_safetensors_inference_uses(data_root, tmp_path, clip_tag):
+    from onepass_ovs.hub import resolve_clip
+
+    clip, folder, cache, unpickled = clip_tag
+    hub_helpers.populate_hf_cache(cache, "someone/tiny-clip", sorted(folder.iterdir()))
+    out = tmp_path / "out"
+    ok(train("deop", "--data", data_root, "--model", "deop-tiny", "--clip", "Onepass-Tiny/shapes",
+             "--output", out, "--steps", 1, "--batch-size", 2))  # fmt: skip
+    assert unpickled == []
+    model = Segmenter.from_pretrained(out, device="cpu").model  # CLIP frozen in this stage
+    assert torch.equal(model.clip_visual.conv1.weight, clip.visual.conv1.weight)
+    assert torch.equal(model.text.token_embedding.weight, clip.token_embedding.weight)
+    # the very file inference resolves the same name to (one cache for both)
+    source = resolve_clip("clip:Onepass-Tiny/shapes")
+    assert source.weights.name == "open_clip_model.safetensors" and cache in source.weights.parents
+
+
+def test_train_clip_never_unpickles_and_takes_local_folders(tmp_path, clip_tag):
+    from onepass_ovs.training.stages import load_clip_weights
+
+    clip, folder, cache, unpickled = clip_tag
+    hub_helpers.populate_hf_cache(
+        cache, "someone/tiny-clip", [folder / "open_clip_pytorch_model.bin"]
+    )
+    segmenter = Segmenter.from_config("deop-tiny", device="cpu", seed=0)
+    with pytest.raises(ValueError, match="open_clip_model.safetensors"):
+        load_clip_weights(segmenter, "Onepass-Tiny/shapes")
+    assert unpickled == []  # only the pickled .bin is cached: refused, never loaded
+
+    load_clip_weights(segmenter, f"local-dir:{folder}")
+    assert torch.equal(segmenter.model.clip_visual.conv1.weight, clip.visual.conv1.weight)
+    segmenter.save_pretrained(tmp_path / "saved")  # a onepass model is not a CLIP to load
+    with pytest.raises(ValueError, match="--model instead of --clip"):
+        load_clip_weights(segmenter, str(tmp_path / "saved"))
+    assert unpickled == []

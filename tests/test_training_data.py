@@ -10,8 +10,22 @@ import pytest
 import torch
 from PIL import Image
 
+from onepass_ovs.data import (
+    COCO_STUFF_CLASSES,
+    COCO_STUFF_UNSEEN,
+    IGNORE_INDEX,
+    CocoStuffDataset,
+    DatasetError,
+    FolderDataset,
+    RegionDataset,
+    collate,
+    read_label,
+    sample_generator,
+    sample_seed,
+    save_label_png,
+    semantic_to_instances,
+)
 from onepass_ovs.evaluation import ConfusionMatrix
-from onepass_ovs.training import IGNORE_INDEX
 from onepass_ovs.training.augment import (
     CLIP_MEAN_RGB,
     ColorJitter,
@@ -19,20 +33,6 @@ from onepass_ovs.training.augment import (
     SegmentationAugment,
     deop_train_augment,
     resize_label,
-    sample_generator,
-    sample_seed,
-)
-from onepass_ovs.training.data import (
-    COCO_STUFF_CLASSES,
-    COCO_STUFF_UNSEEN,
-    CocoStuffDataset,
-    DatasetError,
-    FolderDataset,
-    RegionDataset,
-    collate,
-    read_label,
-    save_label_png,
-    semantic_to_instances,
 )
 
 CLASSES = ["background", "cat", "sofa, couch", "lamp"]
@@ -162,6 +162,19 @@ def test_ids_beyond_class_list_are_named(folder):
         FolderDataset(root).validate()
 
 
+def test_negative_class_ids_are_rejected_naming_the_file(folder):
+    root, _ = folder
+    # a 32-bit signed integer image (TIFF content under the .png name PIL opens anyway)
+    ids = np.array([[0, -3, 1], [2, -1, 1], [0, 0, 0]], dtype=np.int32)
+    Image.fromarray(ids).save(root / "masks" / "b.png", format="TIFF")
+    assert Image.open(root / "masks" / "b.png").mode == "I"
+    with pytest.raises(DatasetError, match=r"mask .*b\.png has negative class ids \[-3, -1\]"):
+        read_label(root / "masks" / "b.png", 4)
+    # the same image without negatives reads as class ids (65535 would be ignore)
+    Image.fromarray(np.abs(ids)).save(root / "masks" / "b.png", format="TIFF")
+    assert read_label(root / "masks" / "b.png", 4).tolist() == np.abs(ids).tolist()
+
+
 def test_unreadable_files_are_named(folder):
     root, _ = folder
     (root / "images" / "a.png").write_bytes(b"not a png")
@@ -210,10 +223,26 @@ def test_ignore_index_is_shared_with_the_metrics():
 
 def test_training_package_import_is_light():
     code = (
-        "import sys, onepass_ovs.training as t; t.IGNORE_INDEX;"
+        "import sys, onepass_ovs.training as t; t.TrainConfig;"
         "heavy = [m for m in ('scipy', 'onepass_ovs.training.matcher',"
-        " 'onepass_ovs.training.losses', 'onepass_ovs.training.data') if m in sys.modules];"
+        " 'onepass_ovs.training.losses', 'onepass_ovs.data.datasets') if m in sys.modules];"
         "assert not heavy, heavy; t.SetCriterion; assert 'scipy' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_data_and_evaluation_do_not_import_training():
+    # data sits below training and evaluation; evaluation must not reach into training
+    code = (
+        "import sys; from onepass_ovs.data import IGNORE_INDEX, resolve_unseen;"
+        "from onepass_ovs.evaluation import ConfusionMatrix;"
+        "assert ConfusionMatrix(2).ignore_index == IGNORE_INDEX == -1;"
+        "assert resolve_unseen(['a', 'b, c'], ['C']) == [1];"
+        "assert 'PIL' not in sys.modules;"
+        "import onepass_ovs.data.datasets, onepass_ovs.evaluation.evaluate;"
+        "import onepass_ovs.evaluation.cli; from onepass_ovs.evaluation import evaluate;"
+        "loaded = [m for m in sys.modules if m.startswith('onepass_ovs.training')];"
+        "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -4,9 +4,11 @@ variants against their formulas, dense and mask-pooled classification, backgroun
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +22,13 @@ from onepass_ovs.config import ClipConfig
 from onepass_ovs.models.towers import TINY_CLIP_CFG, create_clip
 from onepass_ovs.models.training_free import TrainingFreeCLIP, clip_model_config
 
-COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
+_spec = importlib.util.spec_from_file_location(
+    "_hub_helpers", Path(__file__).with_name("_hub_helpers.py")
+)
+hub_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hub_helpers)
+COMMIT = hub_helpers.COMMIT
+
 TINY_CFG = {**copy.deepcopy(TINY_CLIP_CFG), "quick_gelu": True}
 TAG_MEAN, TAG_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 VOCAB = ["cat", "dog", "grass, lawn"]
@@ -43,17 +51,6 @@ def _save_open_clip(folder, seed=0, logit_scale=50.0):
     return clip
 
 
-def _populate_hf_cache(cache, repo, files):
-    """What a previous huggingface_hub download leaves: snapshots/<commit>/... + refs/main."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = root / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    for path in files:
-        shutil.copy(path, snapshot / path.name)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(COMMIT)
-
-
 @pytest.fixture(scope="module")
 def open_clip_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("open_clip_tiny")
@@ -65,7 +62,7 @@ def open_clip_dir(tmp_path_factory):
 def offline_cache(open_clip_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder, _ = open_clip_dir
-    _populate_hf_cache(tmp_path, "someone/tiny-clip", sorted(folder.iterdir()))
+    hub_helpers.populate_hf_cache(tmp_path, "someone/tiny-clip", sorted(folder.iterdir()))
     return tmp_path
 
 
@@ -300,8 +297,9 @@ def test_masks_are_pooled_classified_and_painted():
         pooled = F.normalize((dense.flatten(1) * weights).sum(1) / weights.sum(), dim=0)
         probs = (scale * text @ pooled).softmax(0)
         expected += probs[:, None, None] * mask.float()
-    dense_probs = F.interpolate(model.classify(dense[None], text), size=(64, 96), mode="bilinear",
-                               align_corners=False)[0]
+    dense_probs = F.interpolate(
+        model.classify(dense[None], text), size=(64, 96), mode="bilinear", align_corners=False
+    )[0]
     uncovered = ~(a | b)
     expected += dense_probs * uncovered.float()
     expected /= expected.sum(0, keepdim=True)
@@ -351,8 +349,9 @@ def test_background_sums_its_synonyms_and_takes_low_confidence_pixels():
 
 
 def test_background_works_for_any_family(tiny_segmenter, rgb_image):
-    res = tiny_segmenter.segment(rgb_image, ["cat", "background"], background="background",
-                                 unknown_threshold=0.9)
+    res = tiny_segmenter.segment(
+        rgb_image, ["cat", "background"], background="background", unknown_threshold=0.9
+    )
     plain = tiny_segmenter.segment(rgb_image, ["cat", "background"], unknown_threshold=0.9)
     np.testing.assert_array_equal(res.label_map, np.where(plain.label_map < 0, 1, plain.label_map))
 

@@ -35,8 +35,8 @@ def evaluate_model(
 ) -> None:
     """Segment every image of the dataset with its class list as the vocabulary and
     report mIoU, per-class IoU and pixel accuracy (percent)."""
-    from ..training.cli import fail, load_segmenter, open_dataset, parse_names
-    from ..training.data import DatasetError
+    from .._cli_common import fail, load_segmenter, open_dataset, parse_names
+    from ..data import DatasetError
     from .evaluate import evaluate, to_json_safe
 
     dataset = open_dataset(data, coco_stuff, split, None)

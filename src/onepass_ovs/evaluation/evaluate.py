@@ -28,7 +28,7 @@ def evaluate(
 
     Args:
         segmenter: a :class:`~onepass_ovs.Segmenter`.
-        dataset: a :class:`~onepass_ovs.training.data.FolderDataset` (or COCO-Stuff) built
+        dataset: a :class:`~onepass_ovs.data.FolderDataset` (or COCO-Stuff) built
             *without* ``unseen``: every class must be labelled to be scored.
         unseen: class names (any synonym, case-insensitive) reported as the unseen split.
         batch_size: images per forward pass.
@@ -41,7 +41,7 @@ def evaluate(
     ``miou_unseen``, ``hiou`` and ``unseen`` (the classes); plus ``num_images``,
     ``seconds`` and ``images_per_second`` (model time, image decoding excluded).
     """
-    from ..training.data import _resolve_unseen
+    from ..data.classes import resolve_unseen
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -51,7 +51,7 @@ def evaluate(
             "pass the unseen classes to evaluate(unseen=...) instead"
         )
     classes = list(dataset.classes)
-    unseen_ids = _resolve_unseen(classes, list(unseen)) if unseen is not None else None
+    unseen_ids = resolve_unseen(classes, list(unseen)) if unseen is not None else None
     count = len(dataset) if limit is None else max(0, min(limit, len(dataset)))
     if count == 0:
         raise ValueError("nothing to evaluate: the dataset is empty (or limit is 0)")

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from onepass_ovs.training import IGNORE_INDEX
+from onepass_ovs.data import IGNORE_INDEX
 
 __all__ = ["UNKNOWN", "ConfusionMatrix", "seen_unseen"]
 

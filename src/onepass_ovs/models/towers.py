@@ -137,6 +137,18 @@ class ConvStem(nn.Module):
         return self.proj(self.convs(images))
 
 
+def load_open_clip_weights(clip_model: nn.Module, path) -> None:
+    """Load an open_clip checkpoint into ``clip_model``: safetensors only (never unpickled)."""
+    from open_clip.factory import load_checkpoint
+
+    if str(path).rsplit(".", 1)[-1] != "safetensors":  # open_clip would torch.load anything else
+        raise ValueError(f"refusing to load {path}: only .safetensors weights are loaded")
+    try:
+        load_checkpoint(clip_model, str(path), strict=True)
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(f"weights {path} do not fit their open_clip model config: {err}") from err
+
+
 def create_tokenizer(model_cfg: dict):
     """The open_clip tokenizer matching a model config (BPE; no download needed)."""
     from open_clip.tokenizer import SimpleTokenizer

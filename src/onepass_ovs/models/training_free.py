@@ -35,6 +35,7 @@ from .towers import (
     build_dense_tower,
     build_text_tower,
     create_clip,
+    load_open_clip_weights,
     resolve_open_clip_config,
     tower_kind,
 )
@@ -226,7 +227,7 @@ def load_training_free(
         return _from_onepass_folder(source, severance, templates, logit_scale)
     check_supported(source.model_cfg, severance)
     clip = create_clip(ClipConfig(model_name=source.name, model_cfg=source.model_cfg))
-    _load_open_clip_weights(clip, source.weights)
+    load_open_clip_weights(clip, source.weights)
     if logit_scale is None:
         logit_scale = float(clip.logit_scale.detach().exp().reshape(-1)[0])
     pre = source.preprocess
@@ -242,17 +243,6 @@ def load_training_free(
     )
     config.clip.model_name = source.name
     return TrainingFreeCLIP(config, clip).eval()
-
-
-def _load_open_clip_weights(clip: nn.Module, path) -> None:
-    from open_clip.factory import load_checkpoint
-
-    if str(path).rsplit(".", 1)[-1] != "safetensors":  # open_clip would torch.load anything else
-        raise ValueError(f"refusing to load {path}: only .safetensors weights are loaded")
-    try:
-        load_checkpoint(clip, str(path), strict=True)
-    except (RuntimeError, KeyError) as err:
-        raise ValueError(f"weights {path} do not fit their open_clip model config: {err}") from err
 
 
 def _from_onepass_folder(source, severance, templates, logit_scale) -> TrainingFreeCLIP:

@@ -83,8 +83,8 @@ def demo_config(clip_cfg: dict) -> ModelConfig:
 
 def evaluate_on_fresh_scenes(segmenter, folder: Path, n: int, seed: int = EVAL_SEED) -> dict:
     """mIoU (seen / unseen / hIoU) on ``n`` fresh scenes with all 31 names as vocabulary."""
+    from ..data import FolderDataset
     from ..evaluation.evaluate import evaluate
-    from ..training.data import FolderDataset
     from .export import export_folder
 
     if not (folder / "classes.txt").exists():
@@ -109,7 +109,7 @@ def build(
 ) -> dict:
     """Run the recipe; returns the evaluation report (also written as ``report.json``)."""
     from .. import Segmenter
-    from ..training.data import FolderDataset
+    from ..data import FolderDataset
     from ..training.stages import default_config, train_deop, train_proposals
     from .clip import load_tiny_clip, pretrain_tiny_clip
     from .export import export_folder

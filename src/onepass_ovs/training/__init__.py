@@ -1,4 +1,10 @@
-"""Training: datasets, augmentation, matching, losses and DeOP's three training stages.
+"""Training: the engine, augmentation, matching, losses and DeOP's three training stages.
+
+Datasets and ``IGNORE_INDEX`` live in :mod:`onepass_ovs.data` (shared with evaluation).
+The engine is split by concern: :mod:`.config` (:class:`TrainConfig`), :mod:`.schedule`
+(lr schedule), :mod:`.optim` (parameter groups, optimizer), :mod:`.sampling` (seeds and
+data order), :mod:`.checkpoints` (atomic safetensors checkpoints) and :mod:`.trainer`
+(:class:`Trainer`, the loop).
 
 Importing this package is cheap: it pulls in neither scipy (needed only when a
 :class:`HungarianMatcher` runs) nor any model code; the names below are imported
@@ -7,28 +13,12 @@ from their modules on first access.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-# In-memory label value of an unlabelled pixel, shared by every label map, loss and
-# metric in the library (see ``onepass_ovs.training.data`` for the file rule).
-IGNORE_INDEX = -1
+from .._lazy import lazy_exports
 
 _LAZY = {
-    "data": (
-        "COCO_STUFF_CLASSES",
-        "COCO_STUFF_UNSEEN",
-        "CocoStuffDataset",
-        "DatasetError",
-        "FolderDataset",
-        "RegionDataset",
-        "collate",
-        "read_class_names",
-        "read_image",
-        "read_label",
-        "save_label_png",
-        "semantic_to_instances",
-    ),
+    "config": ("TrainConfig",),
+    "trainer": ("Trainer",),
+    "checkpoints": ("find_latest_checkpoint", "list_checkpoints", "load_model_weights"),
     "augment": (
         "CLIP_MEAN_RGB",
         "ColorJitter",
@@ -37,26 +27,10 @@ _LAZY = {
         "deop_train_augment",
         "proposal_train_augment",
         "region_crop",
-        "sample_generator",
-        "sample_seed",
     ),
     "matcher": ("HungarianMatcher",),
     "losses": ("SetCriterion", "assembled_map_loss", "dice_loss", "sigmoid_focal_loss"),
     "stages": ("default_config", "train_deop", "train_prompt", "train_proposals"),
 }
-_NAME_TO_MODULE = {name: module for module, names in _LAZY.items() for name in names}
-
-__all__ = ["IGNORE_INDEX", *sorted(_NAME_TO_MODULE)]
-
-
-def __getattr__(name: str) -> Any:
-    module = _NAME_TO_MODULE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, _NAMES = lazy_exports(__name__, globals(), _LAZY)
+__all__ = _NAMES

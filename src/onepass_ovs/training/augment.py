@@ -2,12 +2,13 @@
 
 Every random draw goes through the ``generator`` argument (a CPU ``torch.Generator``;
 ``None`` uses torch's global one), so a transform called twice with generators seeded
-alike returns identical tensors. :func:`sample_generator` derives that seed from
-``(base seed, epoch, index)``, which makes a sample independent of worker count and
-order, and makes a resumed run draw exactly the crops the interrupted one would have.
+alike returns identical tensors. :func:`~onepass_ovs.data.sample_generator` derives
+that seed from ``(base seed, epoch, index)``, which makes a sample independent of
+worker count and order, and makes a resumed run draw exactly the crops the interrupted
+one would have.
 
 Two ways to call an augmenter: ``aug(sample, generator)`` on a sample dict (the
-protocol of :class:`~onepass_ovs.training.data.FolderDataset` and of the trainer's
+protocol of :class:`~onepass_ovs.data.FolderDataset` and of the trainer's
 ``sample_transform``), or ``aug.apply(image, label, generator)`` on tensors.
 
 Images are uint8 RGB ``(3, H, W)``; labels int64 ``(H, W)`` with ``ignore_index`` for
@@ -20,15 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from onepass_ovs.training import IGNORE_INDEX
+from onepass_ovs.data import IGNORE_INDEX
 
 __all__ = [
-    "sample_seed",
-    "sample_generator",
     "resize_image",
     "resize_label",
     "ColorJitter",
@@ -43,24 +41,6 @@ __all__ = [
 # CLIP's normalisation mean in 0..255: a background of this colour is zero after
 # normalisation, i.e. "nothing" to the image encoder.
 CLIP_MEAN_RGB = (123, 117, 104)
-
-
-def sample_seed(base_seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample of one epoch.
-
-    ``SeedSequence`` hashes the triple, so neighbouring indices or epochs give
-    unrelated streams (``base + index`` would make epoch e, index i+1 equal
-    epoch e+1, index i under some schemes).
-    """
-    words = np.random.SeedSequence([int(base_seed), int(epoch), int(index)]).generate_state(2)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
-def sample_generator(base_seed: int, epoch: int, index: int) -> torch.Generator:
-    """A CPU generator seeded with :func:`sample_seed`."""
-    generator = torch.Generator()
-    generator.manual_seed(sample_seed(base_seed, epoch, index))
-    return generator
 
 
 def _rand(n: int, generator: torch.Generator | None) -> list[float]:
@@ -354,7 +334,7 @@ class RegionCrop:
     ``crop(sample, generator)`` takes ``{"image", "label", ...}`` and returns
     ``{"image": uint8 (3, size, size), "class_id": int, ...}`` (the label is dropped).
     The region is ``sample["class_id"]`` when present (e.g. from
-    :class:`~onepass_ovs.training.data.RegionDataset`), otherwise a class drawn
+    :class:`~onepass_ovs.data.RegionDataset`), otherwise a class drawn
     uniformly among those with at least ``min_pixels`` labelled pixels; a sample with
     none raises ``ValueError``. See :func:`region_crop` for the crop itself.
     """

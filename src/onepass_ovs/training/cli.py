@@ -7,7 +7,7 @@
 Every stage ends with ``--output`` holding ``config.json`` + ``model.safetensors`` (load
 it with ``Segmenter.from_pretrained`` or pass it as the next stage's ``--model``), the
 run's log and checkpoints under ``--output/training``. Defaults are the paper's
-(METHODS.md 1.2); ``torchrun --nproc_per_node N $(which ovs-train) ...`` trains on N
+(docs/training.md); ``torchrun --nproc_per_node N $(which ovs-train) ...`` trains on N
 processes (rank 0 writes the output).
 """
 
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
+from .._cli_common import fail, load_segmenter, open_dataset, parse_names
 
 app = typer.Typer(
     add_completion=False,
@@ -38,7 +40,10 @@ MODEL = typer.Option(
     "'demo' or 'hf-hub:org/repo'.",
 )  # fmt: skip
 CLIP = typer.Option(
-    None, "--clip", help="Initialise the CLIP parts from open_clip first, e.g. ViT-B-16/openai."
+    None,
+    "--clip",
+    help="Initialise the CLIP parts from open_clip safetensors weights first, named as for "
+    "'ovs-segment --model clip:...': ViT-B-16/openai, hf-hub:org/repo or local-dir:/path.",
 )
 OUTPUT = typer.Option(..., "--output", "-o", help="Output folder (a loadable model at the end).")
 STEPS = typer.Option(None, "--steps", min=1, help="Optimizer steps (default: the paper's).")
@@ -66,54 +71,6 @@ PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show the progres
 CROP = typer.Option(None, "--crop-size", min=1, help="Training crop side (see the stage's help).")
 
 
-def fail(message: str) -> None:
-    """Print ``error: message`` to stderr and exit with status 2."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
-def parse_names(text: str | None) -> list[str] | None:
-    """``"a, b ,c"`` -> ``["a", "b", "c"]``; None or blank -> None."""
-    if text is None:
-        return None
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    return names or None
-
-
-def open_dataset(data: Path | None, coco_stuff: Path | None, split: str, unseen: list[str] | None):
-    """The FolderDataset (or CocoStuffDataset) named on the command line, checked."""
-    from .data import CocoStuffDataset, DatasetError, FolderDataset
-
-    if (data is None) == (coco_stuff is None):
-        fail("give exactly one of --data DIR and --coco-stuff ROOT")
-    try:
-        if data is not None:
-            if not data.is_dir():
-                fail(f"dataset folder not found: {data}")
-            dataset = FolderDataset(data, unseen=unseen)
-        else:
-            dataset = CocoStuffDataset(coco_stuff, split, unseen=unseen)
-        dataset.load(0)  # surface unreadable files now, not inside a loader worker
-    except (DatasetError, ValueError) as err:
-        fail(str(err))
-    return dataset
-
-
-def load_segmenter(name: str, *, seed: int = 0, device: str | None = None):
-    """A preset name -> random init (seeded); anything else -> ``from_pretrained``."""
-    from .. import ModelNotAvailableError, Segmenter
-    from ..models.registry import list_presets
-
-    try:
-        if name in list_presets():
-            return Segmenter.from_config(name, device=device, seed=seed)
-        return Segmenter.from_pretrained(name, device=device)
-    except ModelNotAvailableError as err:
-        fail(str(err))
-    except ValueError as err:
-        fail(f"cannot load model {name!r}: {err}")
-
-
 def _setup_logging() -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("onepass_ovs").setLevel(logging.INFO)
@@ -121,8 +78,8 @@ def _setup_logging() -> None:
 
 def run(stage: str, options: dict[str, Any], stage_options: dict[str, Any]) -> None:
     """Build data, model and config from the parsed options, then train ``stage``."""
+    from ..data import DatasetError
     from . import stages
-    from .data import DatasetError
     from .distributed import destroy_distributed, init_distributed
 
     _setup_logging()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onepass_ovs.training import IGNORE_INDEX
+from onepass_ovs.data import IGNORE_INDEX
 from onepass_ovs.training.matcher import HungarianMatcher
 
 __all__ = ["sigmoid_focal_loss", "dice_loss", "SetCriterion", "assembled_map_loss"]
@@ -172,7 +172,7 @@ def assembled_map_loss(
     focal_gamma: float = 2.0,
     sigmoid_before_upsample: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """DeOP stage-3 loss on the assembled semantic map (METHODS.md 1.2).
+    """DeOP stage-3 loss on the assembled semantic map (docs/training.md).
 
     Args:
         mask_logits: ``(B, N, h, w)`` proposal mask logits M.

@@ -1,4 +1,4 @@
-"""DeOP's three training stages (METHODS.md 1.2), each a function and an ``ovs-train``
+"""DeOP's three training stages (docs/training.md), each a function and an ``ovs-train``
 command:
 
 =============  ============================  ===========================================

@@ -1,7 +1,7 @@
 """What the three DeOP training stages share: defaults, the stage model, running, saving.
 
 A stage trains parts of a :class:`~onepass_ovs.models.deop.DeOP` held by a
-:class:`~onepass_ovs.Segmenter` with the generic :class:`~onepass_ovs.training.engine.Trainer`
+:class:`~onepass_ovs.Segmenter` with the generic :class:`~onepass_ovs.training.trainer.Trainer`
 and writes a normal pretrained folder::
 
     output_dir/
@@ -24,11 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...data import IGNORE_INDEX, collate
 from ...segmenter import Segmenter, build_model
-from .. import IGNORE_INDEX
-from ..data import collate
+from ..checkpoints import list_checkpoints
+from ..config import TrainConfig
 from ..distributed import barrier
-from ..engine import TrainConfig, Trainer, derive_seed, list_checkpoints
+from ..sampling import derive_seed
+from ..trainer import Trainer
 
 logger = logging.getLogger("onepass_ovs.training")
 
@@ -36,7 +38,7 @@ STAGES = ("prompt", "proposals", "deop")
 RUN_DIR = "training"
 STAGE_FILE = "stage.json"
 
-# The paper's recipes (METHODS.md 1.2). ``batch_size`` is per process: the paper's batch
+# The paper's recipes (docs/training.md). ``batch_size`` is per process: the paper's batch
 # is the global one, ``batch_size * grad_accum_steps * world_size``.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "prompt": {
@@ -132,30 +134,55 @@ def check_crop(size: int, config) -> None:
         raise ValueError(f"crop_size must be a positive multiple of {multiple}, got {size}")
 
 
-def load_clip_weights(segmenter: Segmenter, spec: str) -> Segmenter:
-    """Initialise the CLIP parts from an open_clip pretrained model, ``"MODEL/TAG"``.
+def load_clip_weights(
+    segmenter: Segmenter,
+    spec: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Segmenter:
+    """Initialise the CLIP parts from pretrained open_clip weights, in safetensors only.
 
-    E.g. ``"ViT-B-16/openai"``: ``open_clip.create_model("ViT-B-16", pretrained="openai")``
-    (downloaded once into open_clip's cache), copied by ``DeOP.load_clip_weights``.
-    Raises ``ValueError`` for a malformed spec, an architecture that does not fit the
-    model, or weights that cannot be had (offline and not cached).
+    ``spec`` names the CLIP as inference does (:func:`onepass_ovs.hub.resolve_clip`):
+    ``"ViT-B-16/openai"`` (open_clip's model config and pretrained tag; the tag's
+    safetensors file on the Hugging Face Hub, in the same cache as
+    ``Segmenter.from_clip``), ``"hf-hub:org/repo"`` or ``"local-dir:/path"`` (an
+    ``open_clip_config.json`` + safetensors folder). Pickled checkpoints are never
+    loaded. The towers are copied by ``DeOP.load_clip_weights``; DeOP's own additions
+    (learned positions, prompt context) keep their values.
+
+    Raises ``ValueError`` for an unknown or malformed name, weights that cannot be had
+    (offline and not cached, or published only as a pickle), or an architecture that
+    does not fit the model.
     """
-    name, sep, tag = spec.partition("/")
-    if not sep or not name or not tag:
-        raise ValueError(f"--clip expects 'MODEL/TAG', e.g. 'ViT-B-16/openai'; got {spec!r}")
-    import open_clip
+    from ...config import ClipConfig
+    from ...hub import ModelNotAvailableError, resolve_clip
+    from ...models.towers import create_clip, load_open_clip_weights
 
-    try:
-        clip = open_clip.create_model(name, pretrained=tag, device="cpu")
-    except Exception as err:  # network, cache and registry errors all end here
-        raise ValueError(
-            f"cannot load the open_clip model {name!r} with pretrained weights {tag!r}: "
-            f"{type(err).__name__}: {err}. The weights are downloaded on first use; offline "
-            "they must already be in the open_clip / Hugging Face cache."
-        ) from err
     model = deop_model(segmenter)
+    spec = str(spec)
+    if not spec.startswith(("hf-hub:", "local-dir:")) and "/" not in spec:
+        raise ValueError(
+            "--clip expects 'MODEL/TAG' (e.g. 'ViT-B-16/openai'), 'hf-hub:org/repo' or "
+            f"'local-dir:/path'; got {spec!r}"
+        )
+    try:
+        source = resolve_clip(spec, cache_dir=cache_dir, local_files_only=local_files_only)
+    except (ModelNotAvailableError, ValueError) as err:
+        raise ValueError(f"cannot load the open_clip weights {spec!r}: {err}") from err
+    if source.folder is not None:
+        raise ValueError(
+            f"{spec!r} is a onepass model, not an open_clip checkpoint: start from it with "
+            "--model instead of --clip"
+        )
+    clip = create_clip(ClipConfig(model_name=spec, model_cfg=source.model_cfg))
+    load_open_clip_weights(clip, source.weights)
+    # GELU vs QuickGELU (OpenAI's weights) must agree: load_clip_weights checks it
     device = next(model.parameters()).device
-    model.load_clip_weights(clip.to(device))
+    try:
+        model.load_clip_weights(clip.to(device))
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"the CLIP {spec!r} does not fit the model: {err}") from err
     return segmenter
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ...segmenter import Segmenter
 from ..augment import deop_train_augment
-from ..engine import TrainConfig
+from ..config import TrainConfig
 from ..losses import assembled_map_loss
 from ._common import (
     StageModel,
@@ -106,7 +106,7 @@ def train_deop(
 
     Args:
         segmenter: a DeOP segmenter whose proposal generator is trained (stage 2).
-        dataset: a :class:`~onepass_ovs.training.data.FolderDataset` (or COCO-Stuff) built
+        dataset: a :class:`~onepass_ovs.data.FolderDataset` (or COCO-Stuff) built
             with ``unseen=...`` for the open-vocabulary protocol.
         config: default ``default_config("deop")`` (AdamW 2e-4, wd 1e-4 with none on
             norms/embeddings/positions, poly 0.9, grad-norm clip 0.01, 60k steps, batch 16).

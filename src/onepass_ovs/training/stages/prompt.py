@@ -1,6 +1,6 @@
 """Stage 1: learned prompt context (CoOp) on crops of single ground-truth regions.
 
-Each sample is one region of one image (:class:`~onepass_ovs.training.data.RegionDataset`)
+Each sample is one region of one image (:class:`~onepass_ovs.data.RegionDataset`)
 cut out with :class:`~onepass_ovs.training.augment.RegionCrop` (background painted with
 CLIP's mean colour, random resized crop to CLIP's input size, flip). The loss is the
 cross entropy of ``logit_scale * cos(CLIP image embedding, text embeddings)`` over the
@@ -17,13 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...data import IGNORE_INDEX, RegionDataset
 from ...models.preprocessing import normalise
 from ...segmenter import Segmenter
 from ...text import parse_vocabulary
-from .. import IGNORE_INDEX
 from ..augment import RegionCrop
-from ..data import RegionDataset
-from ..engine import TrainConfig
+from ..config import TrainConfig
 from ._common import (
     StageModel,
     check_dataset,
@@ -142,9 +141,9 @@ def train_prompt(
         segmenter: a DeOP segmenter; without learned context (``prompt_length`` 0) one
             of ``prompt_length`` vectors is added first (:func:`add_prompt_context`;
             default 16, or a quarter of a shorter text context).
-        dataset: a :class:`~onepass_ovs.training.data.FolderDataset` (unseen classes
+        dataset: a :class:`~onepass_ovs.data.FolderDataset` (unseen classes
             already ignored; one sample per region of >= ``min_region_pixels`` pixels)
-            or a ready :class:`~onepass_ovs.training.data.RegionDataset`.
+            or a ready :class:`~onepass_ovs.data.RegionDataset`.
         config: a :class:`TrainConfig`; default ``default_config("prompt")`` (SGD lr 0.02,
             wd 5e-4, cosine, 16k steps, batch 32). ``config.output_dir`` receives the
             trained model.

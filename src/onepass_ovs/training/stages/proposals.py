@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...data import semantic_to_instances
 from ...models.preprocessing import normalise
 from ...models.proposals import ProposalClassifier
 from ...segmenter import Segmenter
 from ..augment import proposal_train_augment
-from ..data import semantic_to_instances
-from ..engine import TrainConfig
+from ..config import TrainConfig
 from ..losses import SetCriterion
 from ..matcher import HungarianMatcher
 from ._common import (
@@ -119,7 +119,7 @@ def train_proposals(
 
     Args:
         segmenter: a DeOP segmenter; only ``proposals.*`` changes.
-        dataset: a :class:`~onepass_ovs.training.data.FolderDataset` (or COCO-Stuff) built
+        dataset: a :class:`~onepass_ovs.data.FolderDataset` (or COCO-Stuff) built
             with ``unseen=...`` for the open-vocabulary protocol.
         config: default ``default_config("proposals")`` (AdamW 1e-4, wd 1e-4, poly,
             backbone lr x0.1, grad-norm clip 0.01, 60k steps, batch 32).

@@ -9,29 +9,19 @@ Folder format
       images/<stem>.jpg      (.jpg, .jpeg or .png; RGB, any PIL mode is converted)
       masks/<stem>.png       class ids per pixel, single channel
 
-Label rule (files and memory)
------------------------------
-- In memory a label map is always ``int64`` of shape ``(H, W)``; a pixel is a class id
-  in ``[0, num_classes)`` or ``IGNORE_INDEX = -1``. One sentinel for every vocabulary
-  size: -1 can never collide with a class id, whereas 255 does above 255 classes.
-- On disk a mask is an 8-bit PNG (mode ``L`` or ``P``) whose value 255 means ignore
-  (ids 0..254), or a 16-bit PNG (mode ``I;16``) whose value 65535 means ignore (ids
-  0..65534; needed above 255 classes). Both map to ``IGNORE_INDEX`` on read, and
-  :func:`save_label_png` writes the inverse. A 16-bit file's 255 is class 255, not
-  ignore: the ignore value follows the file's bit depth, never the class count.
-- Unseen classes (the open-vocabulary protocol) become ``IGNORE_INDEX`` on read.
-- Masks are aligned with the stored pixel grid: EXIF orientation is *not* applied to
-  images here, because masks carry no EXIF and were drawn on the stored pixels.
+Masks become label maps by the rule of :mod:`onepass_ovs.data.files` (``int64 (H, W)``,
+``IGNORE_INDEX`` for unlabelled and unseen pixels).
 
 Items are ``{"image": uint8 (3, H, W) RGB, "label": int64 (H, W), "stem": str}``.
 A transform is a sample transform, ``transform(sample, generator) -> sample`` (the
 trainer's ``sample_transform`` protocol; augmenters in ``training.augment`` are such
-callables). With ``seed`` set, ``generator`` is seeded from ``(seed, epoch, index)``, so
-an item is a pure function of those three numbers: any worker count, any order and a
-resumed run draw identical crops. ``dataset[(epoch, index)]`` passes the epoch
-explicitly (persistent workers, iteration-based samplers); ``dataset[index]`` uses the
-epoch set by :meth:`FolderDataset.set_epoch`. (With the trainer, leave ``transform``
-unset and hand the augmenter to the trainer, which seeds it the same way.)
+callables). With ``seed`` set, ``generator`` is seeded from ``(seed, epoch, index)``
+(:func:`sample_generator`), so an item is a pure function of those three numbers: any
+worker count, any order and a resumed run draw identical crops. ``dataset[(epoch,
+index)]`` passes the epoch explicitly (persistent workers, iteration-based samplers);
+``dataset[index]`` uses the epoch set by :meth:`FolderDataset.set_epoch`. (With the
+trainer, leave ``transform`` unset and hand the augmenter to the trainer, which seeds it
+the same way.)
 """
 
 from __future__ import annotations
@@ -42,180 +32,41 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from onepass_ovs.training import IGNORE_INDEX
-from onepass_ovs.training.augment import sample_generator
+from . import IGNORE_INDEX
+from .classes import DatasetError, check_class_names, read_class_names, resolve_unseen
+from .files import IMAGE_EXTENSIONS, read_image, read_label
 
 __all__ = [
-    "IGNORE_INDEX",
-    "IMAGE_EXTENSIONS",
     "COCO_STUFF_CLASSES",
     "COCO_STUFF_UNSEEN",
-    "DatasetError",
-    "FolderDataset",
     "CocoStuffDataset",
+    "FolderDataset",
     "RegionDataset",
-    "read_class_names",
-    "class_synonyms",
-    "read_image",
-    "read_label",
-    "save_label_png",
-    "collate",
-    "semantic_to_instances",
+    "sample_generator",
+    "sample_seed",
 ]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-_FILE_IGNORE_8BIT = 255
-_FILE_IGNORE_16BIT = 65535
 
 SampleTransform = Callable[[dict, torch.Generator | None], dict]
 
 
-class DatasetError(ValueError):
-    """A dataset file is missing, unreadable or inconsistent; the message names it."""
+def sample_seed(base_seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch.
 
-
-# --------------------------------------------------------------------------- files
-
-
-def class_synonyms(name: str) -> list[str]:
-    """Names of one class: ``"sofa, couch"`` -> ``["sofa", "couch"]``."""
-    return [part.strip() for part in name.split(",") if part.strip()]
-
-
-def read_class_names(path: str | os.PathLike) -> list[str]:
-    """Class names from a ``classes.txt``, one per line, as written (stripped).
-
-    Trailing blank lines are allowed; a blank line before the last class is an error
-    because it would silently shift every following class id.
+    ``SeedSequence`` hashes the triple, so neighbouring indices or epochs give
+    unrelated streams (``base + index`` would make epoch e, index i+1 equal
+    epoch e+1, index i under some schemes).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"class list not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"cannot read class list {path}: {err}") from err
-    while lines and not lines[-1].strip():
-        lines.pop()
-    names = [line.strip() for line in lines]
-    for line_no, name in enumerate(names, start=1):
-        if not class_synonyms(name):
-            raise DatasetError(f"{path}:{line_no}: empty class name")
-    if not names:
-        raise DatasetError(f"class list is empty: {path}")
-    _check_unique(names, str(path))
-    return names
+    words = np.random.SeedSequence([int(base_seed), int(epoch), int(index)]).generate_state(2)
+    return (int(words[0]) << 31) ^ int(words[1])
 
 
-def _check_unique(names: Sequence[str], where: str) -> None:
-    seen: dict[str, int] = {}
-    for class_id, name in enumerate(names):
-        for synonym in class_synonyms(name):
-            key = synonym.lower()
-            if key in seen and seen[key] != class_id:
-                raise DatasetError(
-                    f"{where}: name {synonym!r} used by class {seen[key]} and class {class_id}"
-                )
-            seen[key] = class_id
-
-
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """Read an image file as uint8 RGB ``(3, H, W)``; any PIL mode is converted."""
-    try:
-        with Image.open(path) as img:
-            rgb = np.asarray(img.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise DatasetError(f"cannot read image {path}: {err}") from err
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
-
-
-def _read_mask_file(path: Path) -> tuple[np.ndarray, int]:
-    """Raw mask values ``(H, W)`` and the file's ignore value (by bit depth)."""
-    try:
-        with Image.open(path) as img:
-            mode = img.mode
-            raw = np.asarray(img)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise DatasetError(f"cannot read mask {path}: {err}") from err
-    if mode in ("L", "P"):
-        return raw.astype(np.int64), _FILE_IGNORE_8BIT
-    if mode == "1":
-        return raw.astype(np.int64), _FILE_IGNORE_8BIT
-    if mode.startswith("I;16") or mode == "I":
-        return raw.astype(np.int64), _FILE_IGNORE_16BIT
-    raise DatasetError(
-        f"mask {path} has PIL mode {mode!r}; expected a single-channel 8-bit (L/P) "
-        "or 16-bit (I;16) PNG of class ids"
-    )
-
-
-def read_label(
-    path: str | os.PathLike,
-    num_classes: int,
-    *,
-    unseen_ids: Iterable[int] = (),
-) -> torch.Tensor:
-    """Read a mask file as an int64 label map ``(H, W)`` following the module's rule.
-
-    Values ``>= num_classes`` (other than the file's ignore value) are an error naming
-    the file and the offending ids; ``unseen_ids`` become ``IGNORE_INDEX``.
-    """
-    path = Path(path)
-    raw, file_ignore = _read_mask_file(path)
-    valid = raw != file_ignore
-    beyond = valid & (raw >= num_classes)
-    if beyond.any():
-        bad = np.unique(raw[beyond])[:10].tolist()
-        hint = " (16-bit masks use 65535 for ignore)" if file_ignore == _FILE_IGNORE_16BIT else ""
-        raise DatasetError(
-            f"mask {path} has class ids {bad} beyond the {num_classes} classes{hint}"
-        )
-    label = np.where(valid, raw, IGNORE_INDEX)
-    unseen = np.fromiter(unseen_ids, dtype=np.int64)
-    if unseen.size:
-        label[np.isin(label, unseen)] = IGNORE_INDEX
-    return torch.from_numpy(label)
-
-
-def save_label_png(path: str | os.PathLike, label: torch.Tensor | np.ndarray) -> None:
-    """Write a label map ``(H, W)`` (ids and ``IGNORE_INDEX``) as a mask PNG.
-
-    8-bit when every id is below 255, otherwise 16-bit; ignore becomes 255 / 65535.
-    """
-    arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-    if arr.ndim != 2:
-        raise ValueError(f"label must be (H, W), got shape {arr.shape}")
-    arr = arr.astype(np.int64)
-    ids = arr[arr != IGNORE_INDEX]
-    if ids.size and (ids.min() < 0 or ids.max() >= _FILE_IGNORE_16BIT):
-        raise ValueError(f"label ids must lie in [0, 65535) or be {IGNORE_INDEX}")
-    if ids.size == 0 or ids.max() < _FILE_IGNORE_8BIT:
-        out = np.where(arr == IGNORE_INDEX, _FILE_IGNORE_8BIT, arr).astype(np.uint8)
-    else:
-        out = np.where(arr == IGNORE_INDEX, _FILE_IGNORE_16BIT, arr).astype(np.uint16)
-    Image.fromarray(out).save(path, format="PNG")
-
-
-def _resolve_unseen(class_names: Sequence[str], unseen: Iterable[str] | None) -> list[int]:
-    """Class ids of the given names (any synonym, case-insensitive); unknown = error."""
-    if unseen is None:
-        return []
-    if isinstance(unseen, str):
-        raise TypeError("unseen must be an iterable of class names, not a single string")
-    lookup: dict[str, int] = {}
-    for class_id, name in enumerate(class_names):
-        for synonym in class_synonyms(name):
-            lookup[synonym.lower()] = class_id
-    ids: set[int] = set()
-    for name in unseen:
-        key = name.strip().lower()
-        if key not in lookup:
-            raise DatasetError(f"unseen class {name!r} is not in the class list")
-        ids.add(lookup[key])
-    return sorted(ids)
+def sample_generator(base_seed: int, epoch: int, index: int) -> torch.Generator:
+    """A CPU generator seeded with :func:`sample_seed`."""
+    generator = torch.Generator()
+    generator.manual_seed(sample_seed(base_seed, epoch, index))
+    return generator
 
 
 # --------------------------------------------------------------------------- datasets
@@ -253,9 +104,9 @@ class FolderDataset(Dataset):
         if class_names is None:
             class_names = read_class_names(self.root / "classes.txt")
         else:
-            _check_unique(class_names, "class_names")
+            check_class_names(class_names, "class_names")
         self.classes: list[str] = list(class_names)
-        self.unseen_ids: list[int] = _resolve_unseen(self.classes, unseen)
+        self.unseen_ids: list[int] = resolve_unseen(self.classes, unseen)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -390,7 +241,8 @@ COCO_STUFF_CLASSES: tuple[str, ...] = (
     "window-other", "wood",
 )  # fmt: skip
 
-# The zero-shot split of the ZS3/SimBaseline/DeOP protocol (METHODS.md 1.1.3).
+# The 15 unseen classes of the zero-shot protocol of ZS3Net, SimBaseline and DeOP
+# (the other 156 are seen in training).
 COCO_STUFF_UNSEEN: tuple[str, ...] = (
     "cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors",
     "cardboard", "clouds", "grass", "playingfield", "river", "road", "tree",
@@ -500,49 +352,3 @@ class RegionDataset(Dataset):
                 generator = sample_generator(self.seed, epoch, int(index))
             sample = self.transform(sample, generator)
         return sample
-
-
-# --------------------------------------------------------------------------- batching
-
-
-def collate(batch: Sequence[dict]) -> dict:
-    """Stack equal-size items: ``image`` -> float ``(B, 3, S, S)`` in [0, 1],
-    ``label`` -> int64 ``(B, S, S)``; other tensors are stacked, other values listed.
-    """
-    if not batch:
-        raise ValueError("cannot collate an empty batch")
-    out: dict = {}
-    for key in batch[0]:
-        values = [item[key] for item in batch]
-        if isinstance(values[0], torch.Tensor):
-            shapes = {tuple(v.shape) for v in values}
-            if len(shapes) > 1:
-                raise ValueError(
-                    f"collate needs equal-size {key!r} tensors, got shapes {sorted(shapes)}; "
-                    "crop to a fixed size first"
-                )
-            stacked = torch.stack(values)
-            if key == "image" and stacked.dtype == torch.uint8:
-                stacked = stacked.float().div_(255.0)
-            out[key] = stacked
-        elif isinstance(values[0], int | float) and not isinstance(values[0], bool):
-            out[key] = torch.tensor(values)
-        else:
-            out[key] = values
-    return out
-
-
-def semantic_to_instances(
-    label: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One binary mask per present class of a label map ``(H, W)``.
-
-    Returns ``classes`` int64 ``(T,)`` ascending and ``masks`` bool ``(T, H, W)``;
-    ignore pixels belong to no mask.
-    """
-    if label.dim() != 2:
-        raise ValueError(f"label must be (H, W), got shape {tuple(label.shape)}")
-    classes = torch.unique(label)
-    classes = classes[classes != ignore_index].long()
-    masks = label.unsqueeze(0) == classes.view(-1, 1, 1)
-    return classes, masks
