@@ -6,6 +6,7 @@ with the trained folder; ``--resume``; and the error paths a user meets first.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -222,13 +223,13 @@ def test_a_corrupt_mask_met_in_a_loader_worker_is_one_line(data_root, tmp_path):
 
 def _tiny_open_clip_folder(folder):
     """deop-tiny's CLIP architecture with random weights, in open_clip's Hub format."""
-    from onepass_ovs.models.clip_vit import create_open_clip
     from safetensors.torch import save_file
 
-    from onepass_ovs.config import TINY_CLIP_CFG
+    from onepass_ovs.config import ClipConfig
+    from onepass_ovs.models.towers import TINY_CLIP_CFG, create_clip
 
     torch.manual_seed(11)
-    clip = create_open_clip(TINY_CLIP_CFG).eval()
+    clip = create_clip(ClipConfig(model_cfg=copy.deepcopy(TINY_CLIP_CFG))).eval()
     folder.mkdir(parents=True)
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG}))
     state = {k: v.contiguous() for k, v in clip.state_dict().items()}
@@ -245,7 +246,7 @@ def clip_tag(tmp_path, monkeypatch):
     import huggingface_hub.constants
     from open_clip import factory, pretrained
 
-    from onepass_ovs.config import TINY_CLIP_CFG
+    from onepass_ovs.models.towers import TINY_CLIP_CFG
 
     clip = _tiny_open_clip_folder(tmp_path / "clip")
     (tmp_path / "clip" / "open_clip_pytorch_model.bin").write_bytes(b"\x80\x04 a pickle")
