@@ -42,7 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import IMAGENET_MEAN, IMAGENET_STD, ClipConfig, ModelConfig, PreprocessConfig, TextConfig
+from ..config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ClipConfig,
+    ModelConfig,
+    PreprocessConfig,
+    TextConfig,
+)
 from ..text import parse_vocabulary
 from .assembly import AssembledScores
 from .mask2former import DeformablePixelDecoder, MaskedAttentionDecoder

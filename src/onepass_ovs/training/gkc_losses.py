@@ -1,0 +1,148 @@
+"""GKC's training-only pieces as pure functions: text-guided knowledge distillation and
+synonym sampling (METHODS.md section 3). No trainer here.
+
+Text-guided distillation, per ground-truth region i of an image: s_i the student embedding
+(the model's distillation head on the matched query), c_i the frozen CLIP teacher's
+embedding of the region, t_i the text embedding of the region's drawn synonym, all
+L2-normalised; a a learnable scalar (init 1). Within each image::
+
+    P_ij = (a^2 t_i . t_j - s_i . c_j)^2     for all ordered pairs (i = j included)
+    D_i  = ||s_i - c_i||^2
+
+and the loss is ONE mean over the union of every image's P's and D's (not the sum of two
+means): sum(P) + sum(D) over (sum_g n_g^2 + sum_g n_g).
+
+Synonym sampling: each region's synonyms carry probabilities (scored once, offline, by a
+frozen CLIP); every time an image is loaded each region draws one synonym uniformly among
+those with probability > 0.1.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+SYNONYM_THRESHOLD = 0.1
+
+
+# -- text-guided distillation ---------------------------------------------------------------------
+
+
+class DistillationScale(nn.Module):
+    """The learnable scalar ``a`` of the distillation loss (init 1)."""
+
+    def __init__(self, init: float = 1.0):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self) -> torch.Tensor:
+        return self.a
+
+
+def text_guided_distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    text: torch.Tensor,
+    image_index: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """GKC's text-guided KD loss (see the module docstring).
+
+    Args:
+        student: (R, E) s_i, L2-normalised, R regions of the whole batch.
+        teacher: (R, E) c_i, L2-normalised (no gradient is expected to flow into it).
+        text: (R, E) t_i, L2-normalised.
+        image_index: (R,) which image each region belongs to; pairs are formed only within
+            an image.
+        scale: the scalar a (a 0-d tensor, learnable).
+
+    Returns:
+        a 0-d tensor; zero (still attached to ``student`` and ``scale``) when R = 0.
+    """
+    if student.shape != teacher.shape or student.shape != text.shape or student.dim() != 2:
+        raise ValueError(
+            f"student, teacher and text must all be (R, E); got {tuple(student.shape)}, "
+            f"{tuple(teacher.shape)}, {tuple(text.shape)}"
+        )
+    image_index = torch.as_tensor(image_index, device=student.device)
+    if image_index.shape != (student.shape[0],):
+        raise ValueError(f"image_index must be ({student.shape[0]},), got {tuple(image_index.shape)}")
+    if student.shape[0] == 0:
+        return student.sum() * 0 + scale * 0
+    dtype = torch.promote_types(student.dtype, torch.float32)  # at least fp32
+    s, c, t = student.to(dtype), teacher.to(dtype), text.to(dtype)
+    same = image_index[:, None] == image_index[None, :]  # (R, R)
+    pairs = (scale.to(dtype) ** 2 * (t @ t.t()) - s @ c.t()) ** 2
+    pair_sum = (pairs * same).sum()
+    diag_sum = ((s - c) ** 2).sum(-1).sum()
+    count = same.sum() + s.shape[0]
+    return (pair_sum + diag_sum) / count
+
+
+# -- synonym sampling --------------------------------------------------------------------------
+
+
+def eligible_synonyms(
+    synonyms: Sequence[str], probabilities: Sequence[float], threshold: float = SYNONYM_THRESHOLD
+) -> list[str]:
+    """The synonyms whose probability exceeds ``threshold``; if none does, the most probable
+    one alone (a region always has a name)."""
+    if len(synonyms) != len(probabilities):
+        raise ValueError(f"{len(synonyms)} synonyms but {len(probabilities)} probabilities")
+    if not synonyms:
+        raise ValueError("a region needs at least one synonym")
+    probs = [float(p) for p in probabilities]
+    chosen = [name for name, p in zip(synonyms, probs, strict=True) if p > threshold]
+    if not chosen:
+        chosen = [synonyms[max(range(len(probs)), key=probs.__getitem__)]]
+    return chosen
+
+
+def draw_synonyms(
+    regions: Sequence[tuple[Sequence[str], Sequence[float]]],
+    rng: random.Random,
+    threshold: float = SYNONYM_THRESHOLD,
+) -> list[str]:
+    """One synonym per region, uniform among its eligible ones (:func:`eligible_synonyms`).
+
+    ``regions``: per region (its class's synonyms, their probabilities for this region).
+    Call it at every load of the image (with a persistent ``rng``): each call is a fresh
+    draw.
+    """
+    return [rng.choice(eligible_synonyms(names, probs, threshold)) for names, probs in regions]
+
+
+def image_vocabulary(
+    class_names: Sequence[str], region_classes: Sequence[int], region_names: Sequence[str]
+) -> tuple[list[str], list[int]]:
+    """The per-image vocabulary and each region's target index in it, as GKC's authors:
+    the training classes' names, each present class renamed to its first region's draw; a
+    class's other (different) draws are appended after the training classes.
+
+    Returns (vocabulary, targets) with ``vocabulary[targets[i]] == region_names[i]``.
+    """
+    if len(region_classes) != len(region_names):
+        raise ValueError(f"{len(region_classes)} region classes but {len(region_names)} names")
+    vocabulary = list(class_names)
+    renamed: set[int] = set()
+    appended: dict[str, int] = {}
+    targets = []
+    for cls, name in zip(region_classes, region_names, strict=True):
+        cls = int(cls)
+        if not 0 <= cls < len(class_names):
+            raise ValueError(f"region class {cls} is outside the {len(class_names)} training classes")
+        if cls not in renamed:
+            vocabulary[cls] = name
+            renamed.add(cls)
+            targets.append(cls)
+        elif vocabulary[cls] == name:
+            targets.append(cls)
+        else:
+            if name not in appended:
+                appended[name] = len(vocabulary)
+                vocabulary.append(name)
+            targets.append(appended[name])
+    return vocabulary, targets
