@@ -298,6 +298,9 @@ def test_clip_weights_load_and_match_open_clip():
     ours = model.text(["red circle", "cat"])
     assert ours.shape == (2, 1, model.embed_dim)
     torch.testing.assert_close(ours[:, 0], ref, atol=1e-5, rtol=1e-5)
+    quick = open_clip.CLIP(**{**cfg.clip.model_cfg, "quick_gelu": True})
+    with pytest.raises(ValueError, match="QuickGELU"):
+        model.load_clip_weights(quick)
 
 
 @torch.no_grad()

@@ -55,7 +55,12 @@ from .assembly import AssembledScores
 from .mask2former import DeformablePixelDecoder, MaskedAttentionDecoder
 from .preprocessing import normalise, valid_region
 from .registry import register_family, register_preset
-from .towers import TINY_CLIP_CFG, build_text_tower, resolve_open_clip_config
+from .towers import (
+    TINY_CLIP_CFG,
+    build_text_tower,
+    check_activation_matches,
+    resolve_open_clip_config,
+)
 
 CLIP_RESNET = "clip-resnet"
 
@@ -351,6 +356,7 @@ class GKC(nn.Module):
         and its text tower into this model."""
         if not isinstance(self.backbone, CLIPResNetTrunk):
             raise ValueError("load_clip_weights needs the 'clip-resnet' backbone")
+        check_activation_matches(self.text_encoder, clip_model)
         visual = OrderedDict(
             (k, v) for k, v in clip_model.visual.state_dict().items() if not k.startswith("attnpool.")
         )
@@ -388,10 +394,9 @@ def gkc_clip_rn50() -> ModelConfig:
     return ModelConfig(
         family="gkc",
         name="gkc-clip-rn50",
-        preprocess=PreprocessConfig(
-            short_side=512, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            clip_mean=IMAGENET_MEAN, clip_std=IMAGENET_STD,
-        ),
+        # the trunk is fine-tuned on ImageNet-normalised images, as the paper; clip_mean/std
+        # stay CLIP's (a distillation teacher's input)
+        preprocess=PreprocessConfig(short_side=512, mean=IMAGENET_MEAN, std=IMAGENET_STD),
         clip=ClipConfig(model_name="RN50", model_cfg=model_cfg),
         text=TextConfig(templates=["{}"], prompt_length=0),
         family_config=GKCConfig(),
@@ -408,8 +413,7 @@ def gkc_tiny() -> ModelConfig:
         family="gkc",
         name="gkc-tiny",
         preprocess=PreprocessConfig(
-            short_side=64, max_long_side=256, pad_multiple=32, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            clip_mean=IMAGENET_MEAN, clip_std=IMAGENET_STD,
+            short_side=64, max_long_side=256, pad_multiple=32, mean=IMAGENET_MEAN, std=IMAGENET_STD
         ),
         clip=ClipConfig(model_name="tiny-rn", model_cfg=model_cfg),
         text=TextConfig(templates=["{}"], prompt_length=0),

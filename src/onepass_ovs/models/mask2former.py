@@ -59,19 +59,18 @@ def multi_scale_deformable_attention(
     if len(sizes) != levels:
         raise ValueError(f"{len(sizes)} spatial shapes for {levels} sampling levels")
     grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1]
-    samples = []
+    # (B, Q, heads, L, P) -> (B*heads, 1, Q, L, P)
+    weights = attention_weights.transpose(1, 2).reshape(b * heads, 1, q, levels, points)
+    out = None
     for level, (value_l, (h, w)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes, strict=True)):
         # (B, h*w, heads, d) -> (B*heads, d, h, w)
         value_l = value_l.permute(0, 2, 3, 1).reshape(b * heads, d, int(h), int(w))
         # (B, Q, heads, P, 2) -> (B*heads, Q, P, 2)
         grid = grids[:, :, :, level].transpose(1, 2).reshape(b * heads, q, points, 2)
-        samples.append(
-            F.grid_sample(value_l, grid.to(value_l.dtype), mode="bilinear",
-                          padding_mode="zeros", align_corners=False)
-        )  # (B*heads, d, Q, P)
-    stacked = torch.stack(samples, dim=-2).flatten(-2)  # (B*heads, d, Q, L*P)
-    weights = attention_weights.transpose(1, 2).reshape(b * heads, 1, q, levels * points)
-    out = (stacked * weights.to(stacked.dtype)).sum(-1)  # (B*heads, d, Q)
+        sampled = F.grid_sample(value_l, grid.to(value_l.dtype), mode="bilinear",
+                                padding_mode="zeros", align_corners=False)  # (B*heads, d, Q, P)
+        term = (sampled * weights[..., level, :].to(sampled.dtype)).sum(-1)  # (B*heads, d, Q)
+        out = term if out is None else out + term
     return out.view(b, heads * d, q).transpose(1, 2)
 
 
