@@ -27,6 +27,7 @@ from onepass_ovs.training.gkc_losses import (
     draw_synonyms,
     eligible_synonyms,
     image_vocabulary,
+    teacher_region_inputs,
     text_guided_distillation_loss,
 )
 
@@ -456,3 +457,27 @@ def test_image_vocabulary_renames_then_appends():
     assert [vocab[t] for t in targets] == ["crimson", "lime", "scarlet", "crimson", "lime"]
     with pytest.raises(ValueError, match="outside"):
         image_vocabulary(classes, [3], ["x"])
+
+
+def test_teacher_region_inputs_grey_outside_box_crop():
+    torch.manual_seed(0)
+    image = torch.rand(3, 10, 12)
+    masks = torch.zeros(2, 10, 12, dtype=torch.bool)
+    masks[0, 2:6, 3:7] = True  # a 4 x 4 box
+    masks[0, 2, 3] = False  # one pixel of the box outside the mask
+    masks[1, 5:9, 1:11] = True  # 4 x 10: resized, aspect not kept
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    crops = teacher_region_inputs(image, masks, size=4, mean=mean, std=std)
+    assert crops.shape == (2, 3, 4, 4)
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    expected = image[:, 2:6, 3:7].clone()
+    expected[:, 0, 0] = 128 / 255
+    torch.testing.assert_close(crops[0], (expected - m) / s)
+    # the second crop is the 4 x 10 box squeezed to 4 x 4 (no grey: the box is all mask)
+    squeezed = F.interpolate(image[None, :, 5:9, 1:11], size=(4, 4), mode="bilinear",
+                             align_corners=False, antialias=True)[0]
+    torch.testing.assert_close(crops[1], (squeezed - m) / s)
+    empty = torch.zeros(1, 10, 12, dtype=torch.bool)
+    with pytest.raises(ValueError, match="mask 0 is empty"):
+        teacher_region_inputs(image, empty)

@@ -1,5 +1,7 @@
-"""GKC's training-only pieces as pure functions: text-guided knowledge distillation and
-synonym sampling (METHODS.md section 3). No trainer here.
+"""GKC's training-only pieces as pure functions: text-guided knowledge distillation (the
+loss and the teacher's region inputs) and synonym sampling (METHODS.md section 3). No
+trainer here. The teacher is a frozen CLIP in eval mode (the authors' code leaves it in
+train mode, so its BatchNorms use batch statistics; we do not).
 
 Text-guided distillation, per ground-truth region i of an image: s_i the student embedding
 (the model's distillation head on the matched query), c_i the frozen CLIP teacher's
@@ -23,9 +25,13 @@ import random
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..config import CLIP_MEAN, CLIP_STD
+
 SYNONYM_THRESHOLD = 0.1
+TEACHER_GREY = 128 / 255
 
 
 # -- text-guided distillation ---------------------------------------------------------------------
@@ -80,6 +86,45 @@ def text_guided_distillation_loss(
     diag_sum = ((s - c) ** 2).sum(-1).sum()
     count = same.sum() + s.shape[0]
     return (pair_sum + diag_sum) / count
+
+
+def teacher_region_inputs(
+    image: torch.Tensor,
+    masks: torch.Tensor,
+    size: int = 224,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> torch.Tensor:
+    """The CLIP teacher's input for each ground-truth region, as GKC's authors build it:
+    pixels outside the region's mask grey (128), the crop to the mask's bounding box,
+    resized to ``size`` x ``size`` (aspect not kept; bilinear, antialiased when
+    shrinking), normalised with ``mean``/``std``.
+
+    image (3, H, W) in [0, 1] (un-augmented); masks (R, H, W) bool -> (R, 3, size, size).
+    An empty mask raises ``ValueError`` naming it.
+    """
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    if masks.dim() != 3 or masks.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"masks must be (R, {image.shape[1]}, {image.shape[2]}), got {tuple(masks.shape)}")
+    mean_t = image.new_tensor(mean).view(3, 1, 1)
+    std_t = image.new_tensor(std).view(3, 1, 1)
+    crops = []
+    for index, mask in enumerate(masks.bool()):
+        rows = mask.any(1).nonzero()
+        cols = mask.any(0).nonzero()
+        if rows.numel() == 0:
+            raise ValueError(f"mask {index} is empty: a region needs at least one pixel")
+        y0, y1 = int(rows[0]), int(rows[-1]) + 1
+        x0, x1 = int(cols[0]), int(cols[-1]) + 1
+        region = torch.where(mask, image, image.new_tensor(TEACHER_GREY))[:, y0:y1, x0:x1]
+        if region.shape[-2:] != (size, size):
+            region = F.interpolate(region[None], size=(size, size), mode="bilinear",
+                                   align_corners=False, antialias=True)[0]
+        crops.append((region - mean_t) / std_t)
+    if not crops:
+        return image.new_zeros(0, 3, size, size)
+    return torch.stack(crops)
 
 
 # -- synonym sampling --------------------------------------------------------------------------
