@@ -24,6 +24,7 @@ from onepass_ovs.models.mask2former import (
 from onepass_ovs.models.registry import build_model, config_from_dict, preset_config
 from onepass_ovs.training.gkc_losses import (
     DistillationScale,
+    distillation_over_outputs,
     draw_synonyms,
     eligible_synonyms,
     image_vocabulary,
@@ -481,3 +482,25 @@ def test_teacher_region_inputs_grey_outside_box_crop():
     empty = torch.zeros(1, 10, 12, dtype=torch.bool)
     with pytest.raises(ValueError, match="mask 0 is empty"):
         teacher_region_inputs(image, empty)
+
+
+def test_distillation_over_outputs_uses_the_final_matching_per_output():
+    torch.manual_seed(0)
+    b, n, e = 2, 5, 4
+    outputs = [{"distill_embeddings": F.normalize(torch.randn(b, n, e, dtype=torch.float64), dim=-1)}
+               for _ in range(3)]
+    indices = [(torch.tensor([1, 3]), torch.tensor([2, 0])), (torch.tensor([4]), torch.tensor([0]))]
+    teacher = [F.normalize(torch.randn(3, e, dtype=torch.float64), dim=-1),
+               F.normalize(torch.randn(1, e, dtype=torch.float64), dim=-1)]
+    text = [F.normalize(torch.randn(3, e, dtype=torch.float64), dim=-1),
+            F.normalize(torch.randn(1, e, dtype=torch.float64), dim=-1)]
+    a = 0.8
+    total = distillation_over_outputs(outputs, indices, teacher, text, torch.tensor(a, dtype=torch.float64))
+    expected = 0.0
+    for out in outputs:
+        emb = out["distill_embeddings"]
+        s = [emb[0, 1], emb[0, 3], emb[1, 4]]
+        c = [teacher[0][2], teacher[0][0], teacher[1][0]]
+        t = [text[0][2], text[0][0], text[1][0]]
+        expected += _distillation_direct(s, c, t, [0, 0, 1], a)
+    assert total.item() == pytest.approx(expected, rel=1e-12)

@@ -88,6 +88,50 @@ def text_guided_distillation_loss(
     return (pair_sum + diag_sum) / count
 
 
+def distillation_over_outputs(
+    outputs: Sequence[dict],
+    indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    teacher: Sequence[torch.Tensor],
+    text: Sequence[torch.Tensor],
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """The distillation loss summed over decoder outputs, every output using the FINAL
+    output's matching (as the authors: aux outputs reuse the final matching's regions,
+    each with that layer's own matched query).
+
+    Args:
+        outputs: per decoder output a dict with ``distill_embeddings`` (B, N, E)
+            (``GKC.forward``'s final output and its ``aux`` entries).
+        indices: per image (query_idx (M,), target_idx (M,)) from the final matching.
+        teacher: per image (T_b, E) teacher embeddings c of its targets, normalised.
+        text: per image (T_b, E) text embeddings t of its targets' drawn synonyms.
+        scale: the scalar a.
+
+    Returns the sum over outputs of :func:`text_guided_distillation_loss` (the caller
+    applies the weight, 10 in the paper).
+    """
+    if not (len(indices) == len(teacher) == len(text)):
+        raise ValueError(
+            f"{len(indices)} matchings, {len(teacher)} teacher and {len(text)} text tensors: "
+            "one each per image"
+        )
+    image_index = torch.cat(
+        [torch.full((len(q),), b, dtype=torch.long) for b, (q, _) in enumerate(indices)]
+    )
+    c = torch.cat([teacher[b][t] for b, (_, t) in enumerate(indices)])
+    t_emb = torch.cat([text[b][t] for b, (_, t) in enumerate(indices)])
+    total = None
+    for out in outputs:
+        emb = out["distill_embeddings"]
+        s = torch.cat([emb[b, q] for b, (q, _) in enumerate(indices)])
+        loss = text_guided_distillation_loss(s, c.to(s.device), t_emb.to(s.device),
+                                             image_index.to(s.device), scale)
+        total = loss if total is None else total + loss
+    if total is None:
+        raise ValueError("no decoder outputs given")
+    return total
+
+
 def teacher_region_inputs(
     image: torch.Tensor,
     masks: torch.Tensor,
