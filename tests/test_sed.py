@@ -319,7 +319,7 @@ def test_segmenter_segment_and_save_load_round_trip(tmp_path):
 
 
 def test_sed_loss_matches_direct_bce():
-    from onepass_ovs.training import IGNORE_INDEX
+    from onepass_ovs.data import IGNORE_INDEX
     from onepass_ovs.training.stages.sed import sed_loss
 
     torch.manual_seed(0)
@@ -350,8 +350,8 @@ def test_train_sed_trains_decoder_and_image_tower_only(tmp_path):
     import json
 
     from onepass_ovs import Segmenter
+    from onepass_ovs.data import FolderDataset
     from onepass_ovs.training.augment import SegmentationAugment
-    from onepass_ovs.training.data import FolderDataset
     from onepass_ovs.training.stages.sed import sed_default_config, train_sed
 
     spec = importlib.util.spec_from_file_location(

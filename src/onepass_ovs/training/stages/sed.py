@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...data import IGNORE_INDEX
 from ...segmenter import Segmenter
-from .. import IGNORE_INDEX
 from ..augment import ColorJitter, SegmentationAugment
-from ..engine import TrainConfig
+from ..config import TrainConfig
 from ._common import (
     StageModel,
     check_crop,
@@ -136,7 +136,7 @@ def train_sed(
     Args:
         segmenter: a SED segmenter (its CLIP initialised from an open_clip ConvNeXt CLIP
             with ``model.load_clip_weights``, or a saved SED to fine-tune).
-        dataset: a :class:`~onepass_ovs.training.data.FolderDataset` (or COCO-Stuff), with
+        dataset: a :class:`~onepass_ovs.data.FolderDataset` (or COCO-Stuff), with
             ``unseen=...`` for the open-vocabulary protocol (unseen pixels become ignore).
         config: default :func:`sed_default_config` (the paper's recipe).
         crop_size: square training crops; default the model's short side (768).
