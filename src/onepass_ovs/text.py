@@ -131,11 +131,23 @@ class TextEncoder(nn.Module):
             return proj.out_features
         return proj.shape[1] if proj is not None else self.token_embedding.weight.shape[1]
 
+    @staticmethod
+    def _is_causal(mask: torch.Tensor | None) -> bool:
+        """True for an additive (L, L) mask that blocks exactly the positions after each one."""
+        if mask is None or mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+            return False
+        upper = torch.ones_like(mask, dtype=torch.bool).triu(1)
+        return bool(torch.isneginf(mask[upper]).all()) and bool((mask[~upper] == 0).all())
+
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Encode raw prompt strings -> (P, E) unnormalised, with learned context if any.
 
         With learned context, the prompt becomes [SOS] ctx_1..ctx_M <prompt tokens> [EOS]:
         M placeholder tokens are tokenised and their embeddings replaced.
+
+        With a causal attention mask and end-token pooling, the transformer runs only up
+        to the batch's last end token: a position cannot see the ones after it, so
+        dropping the padding after every prompt's end changes nothing but float rounding.
         """
         ctx = self.prompt_context
         device = self.token_embedding.weight.device
@@ -150,14 +162,22 @@ class TextEncoder(nn.Module):
             m = ctx.shape[0]
             x = torch.cat([x[:, :1], ctx.to(x.dtype).expand(x.shape[0], -1, -1), x[:, 1 + m :]], 1)
         x = x + self.positional_embedding.to(x.dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask)
-        x = self.ln_final(x)
+        attn_mask = self.attn_mask
+        end = None  # (P,) index of each prompt's pooled end token
         if self.pool_type == "argmax":
             # the EOT token has the highest id in open_clip's BPE vocabulary
-            x = x[torch.arange(x.shape[0], device=device), tokens.argmax(dim=-1)]
+            end = tokens.argmax(dim=-1)
         elif self.pool_type == "eos":
-            idx = (tokens == self.eos_id).int().argmax(dim=-1)
-            x = x[torch.arange(x.shape[0], device=device), idx]
+            end = (tokens == self.eos_id).int().argmax(dim=-1)
+        if end is not None and self._is_causal(attn_mask):
+            # causal: positions after the last end token cannot change the pooled ones
+            length = int(end.max()) + 1
+            x = x[:, :length]
+            attn_mask = attn_mask[:length, :length]
+        x = self.transformer(x, attn_mask=attn_mask)
+        x = self.ln_final(x)
+        if end is not None:
+            x = x[torch.arange(x.shape[0], device=device), end]
         elif self.pool_type == "first":
             x = x[:, 0]
         else:
