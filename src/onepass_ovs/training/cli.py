@@ -1,8 +1,11 @@
-"""``ovs-train``: DeOP's three training stages from the command line.
+"""``ovs-train``: DeOP's three training stages and SED's one from the command line.
 
     ovs-train prompt    --data DIR --model deop-vit-b16 --clip ViT-B-16/openai --output runs/prompt
     ovs-train proposals --data DIR --model runs/prompt --output runs/proposals
     ovs-train deop      --data DIR --model runs/proposals --output runs/deop --unseen "cow,tree"
+
+    ovs-train sed --data DIR --model sed-convnext-b \
+        --clip convnext_base_w_320/laion_aesthetic_s13b_b82k --output runs/sed --unseen "cow,tree"
 
 Every stage ends with ``--output`` holding ``config.json`` + ``model.safetensors`` (load
 it with ``Segmenter.from_pretrained`` or pass it as the next stage's ``--model``), the
@@ -25,7 +28,7 @@ from .._cli_common import fail, load_segmenter, open_dataset, parse_names
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Train DeOP's stages (prompt -> proposals -> deop) on your own data.",
+    help="Train DeOP's stages (prompt -> proposals -> deop) or SED (sed) on your own data.",
 )
 
 # -- options shared by every stage (typer reads these defaults per command) --------------
@@ -36,7 +39,8 @@ COCO = typer.Option(None, "--coco-stuff", help="COCO-Stuff-164k root (instead of
 SPLIT = typer.Option("train2017", "--split", help="COCO-Stuff split with --coco-stuff.")
 MODEL = typer.Option(
     ..., "--model", "-m",
-    help="Start from: a preset (deop-tiny, deop-vit-b16: random init), a saved folder, "
+    help="Start from: a preset (deop-tiny, deop-vit-b16, sed-tiny, sed-convnext-b: random "
+    "init), a saved folder, "
     "'demo' or 'hf-hub:org/repo'.",
 )  # fmt: skip
 CLIP = typer.Option(
@@ -120,7 +124,7 @@ def run(stage: str, options: dict[str, Any], stage_options: dict[str, Any]) -> N
         fail(str(err))
 
     train = {"prompt": stages.train_prompt, "proposals": stages.train_proposals,
-             "deop": stages.train_deop}[stage]  # fmt: skip
+             "deop": stages.train_deop, "sed": stages.train_sed}[stage]  # fmt: skip
     resume = "auto" if options["resume"] else False
     try:
         train(segmenter, dataset, config, resume=resume, **stage_options)
@@ -288,6 +292,56 @@ def deop(
         "clip_lr_mult": options.pop("clip_lr_mult"),
     }
     run("deop", options, stage_options)
+
+
+@app.command()
+def sed(
+    data: Path = DATA,
+    coco_stuff: Path = COCO,
+    split: str = SPLIT,
+    model: str = MODEL,
+    clip: str = CLIP,
+    output: Path = OUTPUT,
+    steps: int = STEPS,
+    batch_size: int = BATCH,
+    lr: float = LR,
+    weight_decay: float = WD,
+    grad_clip: float = CLIP_NORM,
+    warmup: int = WARMUP,
+    unseen: str = UNSEEN,
+    seed: int = SEED,
+    device: str = DEVICE,
+    amp: str = AMP,
+    grad_accum: int = ACCUM,
+    checkpoint_every: int = CKPT,
+    log_every: int = LOG,
+    resume: bool = RESUME,
+    workers: int = WORKERS,
+    progress: bool = PROGRESS,
+    crop_size: int = typer.Option(
+        None,
+        "--crop-size",
+        min=1,
+        help="Square crop side, a multiple of 32 (default: the model's short side, 768).",
+    ),
+    clip_lr_mult: float = typer.Option(
+        0.01, "--clip-lr-mult", min=0.0, help="lr multiplier of the CLIP image tower."
+    ),
+) -> None:
+    """Train SED: the decoder and the CLIP image tower (the text tower stays frozen).
+
+    Start from a SED preset with --clip naming an open_clip ConvNeXt CLIP (e.g.
+    convnext_base_w_320/laion_aesthetic_s13b_b82k for sed-convnext-b), or from a saved SED.
+    Defaults: AdamW lr 2e-4, wd 1e-4, cosine, CLIP image tower lr x0.01, grad-norm clip
+    0.01, 80k steps, batch 4; BCE on the final and three auxiliary outputs; square crops
+    768 from the short side resized to 768, colour jitter, flip.
+    """
+    options = dict(locals())
+    stage_options = {
+        "crop_size": options.pop("crop_size"),
+        "config_overrides": {"lr_multipliers": {"clip_visual": options.pop("clip_lr_mult")}},
+    }
+    run("sed", options, stage_options)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,5 +1,5 @@
-"""DeOP's three training stages (docs/training.md), each a function and an ``ovs-train``
-command:
+"""The training stages (docs/training.md, docs/sed.md), each a function and an
+``ovs-train`` command:
 
 =============  ============================  ===========================================
 stage          function                      trains
@@ -7,7 +7,10 @@ stage          function                      trains
 ``prompt``     :func:`train_prompt`          the learned prompt context (CoOp)
 ``proposals``  :func:`train_proposals`       the MaskFormer proposal generator
 ``deop``       :func:`train_deop`            CAL, learned positions, void embedding
+``sed``        :func:`train_sed`             SED's decoder and CLIP image tower (x 0.01)
 =============  ============================  ===========================================
+
+The first three are DeOP's, run in that order; ``sed`` trains a SED model in one stage.
 
 Each takes ``(segmenter, dataset, config)`` and returns a :class:`~onepass_ovs.Segmenter`;
 ``config.output_dir`` ends as a pretrained folder (``config.json`` +
@@ -18,6 +21,7 @@ from ._common import STAGE_DEFAULTS, STAGES, default_config, load_clip_weights
 from .deop import train_deop
 from .prompt import add_prompt_context, train_prompt
 from .proposals import train_proposals
+from .sed import sed_default_config, train_sed
 
 __all__ = [
     "STAGES",
@@ -25,7 +29,9 @@ __all__ = [
     "add_prompt_context",
     "default_config",
     "load_clip_weights",
+    "sed_default_config",
     "train_deop",
     "train_prompt",
     "train_proposals",
+    "train_sed",
 ]

@@ -1,6 +1,6 @@
-"""What the three DeOP training stages share: defaults, the stage model, running, saving.
+"""What the training stages share: defaults, the stage model, running, saving.
 
-A stage trains parts of a :class:`~onepass_ovs.models.deop.DeOP` held by a
+A stage trains parts of a model (DeOP's three stages, SED's one) held by a
 :class:`~onepass_ovs.Segmenter` with the generic :class:`~onepass_ovs.training.trainer.Trainer`
 and writes a normal pretrained folder::
 
@@ -34,8 +34,9 @@ from ..trainer import Trainer
 
 logger = logging.getLogger("onepass_ovs.training")
 
-STAGES = ("prompt", "proposals", "deop")
+STAGES = ("prompt", "proposals", "deop", "sed")
 RUN_DIR = "training"
+CLIP_FAMILIES = ("deop", "sed")  # families whose load_clip_weights takes an open_clip CLIP
 STAGE_FILE = "stage.json"
 
 # The paper's recipes (docs/training.md). ``batch_size`` is per process: the paper's batch
@@ -54,6 +55,12 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 60_000, "batch_size": 16, "optimizer": "adamw", "lr": 2e-4,
         "weight_decay": 1e-4, "lr_schedule": "poly", "poly_power": 0.9,
         "grad_clip_norm": 0.01,
+    },
+    # SED (training/stages/sed.py): the whole CLIP image tower at lr x 0.01, text frozen
+    "sed": {
+        "steps": 80_000, "batch_size": 4, "optimizer": "adamw", "lr": 2e-4,
+        "weight_decay": 1e-4, "lr_schedule": "cosine", "grad_clip_norm": 0.01,
+        "lr_multipliers": {"clip_visual": 0.01},
     },
 }  # fmt: skip
 
@@ -86,6 +93,21 @@ def deop_model(segmenter: Segmenter) -> nn.Module:
     if segmenter.config.family != "deop":
         raise ValueError(
             f"the training stages train 'deop' models, not {segmenter.config.family!r}"
+        )
+    model = segmenter.model
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model.float()
+    return model
+
+
+def clip_model_of(segmenter: Segmenter) -> nn.Module:
+    """The segmenter's model, in float32, if its family can take open_clip weights."""
+    if not isinstance(segmenter, Segmenter):
+        raise TypeError(f"expected a Segmenter, got {type(segmenter).__name__}")
+    if segmenter.config.family not in CLIP_FAMILIES:
+        raise ValueError(
+            f"--clip initialises {' or '.join(map(repr, CLIP_FAMILIES))} models, not "
+            f"{segmenter.config.family!r}"
         )
     model = segmenter.model
     if any(p.dtype != torch.float32 for p in model.parameters()):
@@ -148,8 +170,9 @@ def load_clip_weights(
     safetensors file on the Hugging Face Hub, in the same cache as
     ``Segmenter.from_clip``), ``"hf-hub:org/repo"`` or ``"local-dir:/path"`` (an
     ``open_clip_config.json`` + safetensors folder). Pickled checkpoints are never
-    loaded. The towers are copied by ``DeOP.load_clip_weights``; DeOP's own additions
-    (learned positions, prompt context) keep their values.
+    loaded. The towers are copied by the model's ``load_clip_weights`` (DeOP: ViT image
+    tower and text tower, its own additions -- learned positions, prompt context -- keep
+    their values; SED: a ConvNeXt CLIP's image trunk with its head, and the text tower).
 
     Raises ``ValueError`` for an unknown or malformed name, weights that cannot be had
     (offline and not cached, or published only as a pickle), or an architecture that
@@ -157,9 +180,9 @@ def load_clip_weights(
     """
     from ...config import ClipConfig
     from ...hub import ModelNotAvailableError, resolve_clip
-    from ...models.towers import create_clip, load_open_clip_weights
+    from ...models.towers import create_clip, load_open_clip_weights, tower_kind
 
-    model = deop_model(segmenter)
+    model = clip_model_of(segmenter)
     spec = str(spec)
     if not spec.startswith(("hf-hub:", "local-dir:")) and "/" not in spec:
         raise ValueError(
@@ -175,7 +198,14 @@ def load_clip_weights(
             f"{spec!r} is a onepass model, not an open_clip checkpoint: start from it with "
             "--model instead of --clip"
         )
-    clip = create_clip(ClipConfig(model_name=spec, model_cfg=source.model_cfg))
+    clip_config = ClipConfig(model_name=spec, model_cfg=source.model_cfg)
+    theirs, ours = tower_kind(clip_config), tower_kind(model.config.clip)
+    if theirs != ours:
+        raise ValueError(
+            f"the CLIP {spec!r} has a {theirs!r} image tower but the "
+            f"{segmenter.config.family!r} model needs a {ours!r} one"
+        )
+    clip = create_clip(clip_config)
     load_open_clip_weights(clip, source.weights)
     # GELU vs QuickGELU (OpenAI's weights) must agree: load_clip_weights checks it
     device = next(model.parameters()).device

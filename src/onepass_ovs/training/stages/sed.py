@@ -1,10 +1,15 @@
 """Training SED (METHODS.md section 2): the decoder and, at lr x 0.01, the CLIP image tower.
 
-Not wired into ``ovs-train`` yet (that needs the CLI and the stage table); call
-:func:`train_sed` from Python::
+From the command line (docs/sed.md)::
 
-    from onepass_ovs.training.stages.sed import sed_default_config, train_sed
-    seg = Segmenter.from_config("sed-convnext-b")          # then load CLIP weights
+    ovs-train sed --data DIR --model sed-convnext-b \
+        --clip convnext_base_w_320/laion_aesthetic_s13b_b82k --output runs/sed --unseen "cow,tree"
+
+or from Python::
+
+    from onepass_ovs.training.stages import load_clip_weights, sed_default_config, train_sed
+    seg = Segmenter.from_config("sed-convnext-b")
+    load_clip_weights(seg, "convnext_base_w_320/laion_aesthetic_s13b_b82k")
     train_sed(seg, FolderDataset(root, unseen=[...]), sed_default_config(output_dir="runs/sed"))
 
 Recipe (the authors'): AdamW 2e-4, weight decay 1e-4 (none on norms and biases), cosine
@@ -31,20 +36,18 @@ from ...segmenter import Segmenter
 from ..augment import ColorJitter, SegmentationAugment
 from ..config import TrainConfig
 from ._common import (
+    STAGE_DEFAULTS,
     StageModel,
     check_crop,
     check_dataset,
     finish,
     restore_requires_grad,
     run_stage,
+    default_config,
     seen_classes,
 )
 
-SED_DEFAULTS: dict[str, Any] = {
-    "steps": 80_000, "batch_size": 4, "optimizer": "adamw", "lr": 2e-4,
-    "weight_decay": 1e-4, "lr_schedule": "cosine", "grad_clip_norm": 0.01,
-    "lr_multipliers": {"clip_visual": 0.01},
-}  # fmt: skip
+SED_DEFAULTS: dict[str, Any] = STAGE_DEFAULTS["sed"]
 TRAINABLE = ("clip_visual", "decoder")
 # The reference caps the long side at 2666 for a 768 short side.
 _LONG_SIDE_RATIO = 2666 / 768
@@ -52,12 +55,8 @@ _LONG_SIDE_RATIO = 2666 / 768
 
 def sed_default_config(**overrides: Any) -> TrainConfig:
     """The paper's :class:`TrainConfig` for SED with ``overrides`` applied (lr multipliers
-    are merged into the default ``{"clip_visual": 0.01}``)."""
-    values = {**SED_DEFAULTS, **overrides}
-    values["lr_multipliers"] = {
-        **SED_DEFAULTS["lr_multipliers"], **overrides.get("lr_multipliers", {})
-    }  # fmt: skip
-    return TrainConfig(**values)
+    are merged into the default ``{"clip_visual": 0.01}``); ``default_config("sed", ...)``."""
+    return default_config("sed", **overrides)
 
 
 def sed_train_augment(crop_size: int = 768) -> SegmentationAugment:
