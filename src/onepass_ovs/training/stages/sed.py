@@ -40,10 +40,10 @@ from ._common import (
     StageModel,
     check_crop,
     check_dataset,
+    default_config,
     finish,
     restore_requires_grad,
     run_stage,
-    default_config,
     seen_classes,
 )
 
