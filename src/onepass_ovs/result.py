@@ -15,6 +15,11 @@ UNKNOWN = -1
 _EPS = 1e-8
 _CLASS_CHUNK = 64  # classes resized at once: bounds memory for huge vocabularies
 _BAND_BYTES = 32 * 2**20  # rows of the full-size maps made at once: bounds memory for huge images
+_PRUNE_MIN_CLASSES = 2  # label maps of fewer classes upsample every class
+_PRUNE_BYTES = 16 * 2**20  # low-resolution window max/min computed this many bytes at a time
+# Relative slack on the "can this class win" bound: the blended scores are float32 sums
+# whose rounding can stray a few ulps beyond the exact convex combination.
+_PRUNE_MARGIN = 1e-4
 
 
 def palette(num_colours: int = 256) -> np.ndarray:
@@ -31,6 +36,52 @@ def palette(num_colours: int = 256) -> np.ndarray:
             colours[:, channel] |= ((c >> channel) & 1) << shift
         c >>= 3
     return colours.astype(np.uint8)
+
+
+def _name_key(name: str) -> str:
+    import unicodedata
+
+    return unicodedata.normalize("NFC", " ".join(name.split())).lower()
+
+
+def _hue_of(name: str) -> float:
+    import hashlib
+
+    digest = hashlib.blake2b(_name_key(name).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+_MIN_HUE_GAP = 0.06  # hues closer than this (of a turn) are nudged apart
+
+
+def class_colours(classes) -> np.ndarray:
+    """(K, 3) uint8 colours for class names: each from a hash of its name, not its index.
+
+    A class keeps its colour whatever the vocabulary's order. Hues come from the name;
+    when two names of the vocabulary land on nearly the same hue, the later one in sorted
+    name order is nudged by the golden angle (so the result depends on the set of names,
+    never their order). Colours are saturated and bright; black is kept for "unknown".
+    """
+    import colorsys
+
+    names = list(classes)
+    order = sorted(range(len(names)), key=lambda i: (_name_key(names[i]), names[i]))
+    hues: list[float] = []
+    out = np.zeros((len(names), 3), dtype=np.uint8)
+    for i in order:
+        hue = _hue_of(names[i])
+        for _ in range(16):  # few tries: with many classes hues must crowd anyway
+            if all(min(abs(hue - h), 1 - abs(hue - h)) >= _MIN_HUE_GAP for h in hues):
+                break
+            hue = (hue + 0.381966) % 1.0
+        hues.append(hue)
+        # saturation / value vary a little with the name too, for more distinct colours
+        shade = int(_hue_of("shade:" + names[i]) * 4)
+        saturation = (0.95, 0.8, 0.65, 0.9)[shade]
+        value = (0.95, 0.85, 1.0, 0.75)[shade]
+        rgb = colorsys.hsv_to_rgb(hue, saturation, value)
+        out[i] = [round(c * 255) for c in rgb]
+    return out
 
 
 def upsample_scores(scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
@@ -98,9 +149,45 @@ class _RowUpsampler:
     def rows(self, scores: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """(C, h, w) low-resolution scores -> rows [start, stop) of the (C, H0, W0) map."""
         index, weight = self.rows_index[start:stop], self.rows_weight[start:stop]
-        band = sum(scores[:, index[:, t]] * weight[:, t, None] for t in range(4))
+        band = scores.index_select(1, index[:, 0]) * weight[:, 0, None]
+        for t in range(1, 4):
+            band = band + scores.index_select(1, index[:, t]) * weight[:, t, None]
         index, weight = self.cols_index, self.cols_weight
-        return sum(band[:, :, index[:, t]] * weight[:, t] for t in range(4))
+        out = band.index_select(2, index[:, 0]) * weight[:, 0]
+        for t in range(1, 4):
+            out = out + band.index_select(2, index[:, t]) * weight[:, t]
+        return out
+
+
+def _window_positions(index: torch.Tensor, weight: torch.Tensor, n_in: int):
+    """Per output cell, the first input cell of a fixed-size window holding all its taps.
+
+    index, weight: (n_out, 4) taps of :func:`_axis_taps`. Returns (positions (n_out,) long,
+    window size). Taps with zero weight are ignored; windows are clamped inside [0, n_in).
+    """
+    used = weight > 0
+    big = torch.full_like(index, n_in)
+    low = torch.where(used, index, big).min(1).values
+    high = torch.where(used, index, torch.full_like(index, -1)).max(1).values
+    low = torch.where(high < 0, index[:, 0], low)  # no positive weight: keep tap 0
+    high = torch.maximum(high, low)
+    span = int((high - low).max()) + 1 if index.numel() else 1
+    span = min(span, n_in)
+    return low.clamp(max=n_in - span), span
+
+
+def _window_reduce(x: torch.Tensor, rows: int, cols: int, op) -> torch.Tensor:
+    """(C, h, w) -> (C, h - rows + 1, w - cols + 1): ``op`` (torch.maximum / minimum) over
+    every rows x cols window, separably (much faster than max_pool2d with many channels)."""
+    h, w = x.shape[-2:]
+    out = x[:, : h - rows + 1]
+    for shift in range(1, rows):
+        out = op(out, x[:, shift : h - rows + 1 + shift])
+    full = out
+    out = full[:, :, : w - cols + 1]
+    for shift in range(1, cols):
+        out = op(out, full[:, :, shift : w - cols + 1 + shift])
+    return out
 
 
 def _band_rows(channels: int, width: int) -> int:
@@ -154,15 +241,39 @@ class SegmentationResult:
         return self.geometry.original
 
     def _label_map(self) -> np.ndarray:
-        k = len(self.classes)
+        """(H0, W0) argmax over classes of the full-size scores, -1 / ``unknown_label`` below
+        the threshold.
+
+        Exactly the argmax of :meth:`probs` (ties: the lowest class index), but only the
+        classes that can win somewhere are upsampled: a full-size score is a convex blend of
+        a few low-resolution cells, so it lies between their min and max, and a class whose
+        max over those cells is below another class's min cannot win there. Bands of output
+        rows are upsampled for their candidate classes only, so 3000 classes cost about as
+        much as the handful that compete in each region.
+        """
         h0, w0 = self.size
         labels = np.empty((h0, w0), dtype=np.int32)
-        step = _band_rows(min(k, _CLASS_CHUNK), w0)
-        for top in range(0, h0, step):
-            bottom = min(top + step, h0)
+        for top, bottom, class_ids in self._candidate_bands():
+            labels[top:bottom] = self._label_rows(top, bottom, class_ids)
+        return labels
+
+    def _label_rows(self, top: int, bottom: int, class_ids: torch.Tensor | None) -> np.ndarray:
+        """Label rows [top, bottom) considering only ``class_ids`` (sorted; None: all).
+
+        Returns (bottom - top, W0) int32. Memory: one band of at most ``_CLASS_CHUNK``
+        full-width maps at a time.
+        """
+        k = len(self.classes)
+        scores = self._scores if class_ids is None else self._scores[class_ids]
+        num = scores.shape[0]
+        w0 = self.size[1]
+        out = np.empty((bottom - top, w0), dtype=np.int32)
+        step = _band_rows(min(num, _CLASS_CHUNK), w0)
+        for band_top in range(top, bottom, step):
+            band_bottom = min(band_top + step, bottom)
             best_score = best_index = None
-            for start in range(0, k, _CLASS_CHUNK):
-                up = self._upsampler.rows(self._scores[start : start + _CLASS_CHUNK], top, bottom)
+            for start in range(0, num, _CLASS_CHUNK):
+                up = self._upsampler.rows(scores[start : start + _CLASS_CHUNK], band_top, band_bottom)
                 value, index = up.max(0)
                 if best_score is None:
                     best_score, best_index = value, index
@@ -170,13 +281,79 @@ class SegmentationResult:
                     better = value > best_score
                     best_score = torch.where(better, value, best_score)
                     best_index = torch.where(better, index + start, best_index)
+            if class_ids is not None:
+                best_index = class_ids[best_index]
             band = best_index.to(torch.int32)
             if self.unknown_threshold is not None:
-                total = self._upsampler.rows(self._total, top, bottom)[0]
+                total = self._upsampler.rows(self._total, band_top, band_bottom)[0]
                 best_prob = (best_score + _EPS) / (total + k * _EPS)
                 band[best_prob < self.unknown_threshold] = self.unknown_label
-            labels[top:bottom] = band.numpy()
-        return labels
+            out[band_top - top : band_bottom - top] = band.numpy()
+        return out
+
+    def _candidate_bands(self):
+        """Yield (top, bottom, class_ids) bands covering the output rows, where class_ids
+        (sorted, or None for all) holds every class that can be the argmax in those rows.
+
+        Each output pixel p blends input cells i with weights w_i(p) >= 0 summing to 1, all
+        within a window of ``span_r`` x ``span_c`` cells at (``pos_r``, ``pos_c``). So a
+        class's full-size score lies in [its min, its max] over that window, and the best
+        score at p is at least T(p) = max(largest min of a class, max_i w_i(p) * best score
+        at cell i). Only classes whose window max reaches T (less a margin for float
+        rounding) can win; the rest are never upsampled.
+        """
+        k = len(self.classes)
+        h0 = self.size[0]
+        scores = self._scores
+        # scores are >= 0, so a non-finite sum means a NaN / inf somewhere (or an overflow):
+        # leave those to the plain argmax, which is the reference behaviour
+        if k <= _PRUNE_MIN_CLASSES or not bool(torch.isfinite(scores.sum())):
+            yield 0, h0, None
+            return
+        up = self._upsampler
+        h, w = scores.shape[-2:]
+        pos_r, span_r = _window_positions(up.rows_index, up.rows_weight, h)
+        pos_c, span_c = _window_positions(up.cols_index, up.cols_weight, w)
+        used_c = torch.unique(pos_c)
+        chunk = max(1, _PRUNE_BYTES // (4 * h * w))
+        best_min = None  # (h', w'): the largest min of a class over each window
+        for start in range(0, k, chunk):
+            low = _window_reduce(scores[start : start + chunk], span_r, span_c, torch.minimum)
+            low = low.max(0).values
+            best_min = low if best_min is None else torch.maximum(best_min, low)
+        best_cell = scores.max(0).values  # (h, w)
+        pos = pos_r.tolist()
+        top = 0
+        for row in range(1, h0 + 1):
+            if row < h0 and pos[row] == pos[top]:
+                continue
+            # one run of output rows [top, row) sharing the row window at pos[top]
+            window = pos[top]
+            floor = self._weighted_floor(best_cell, top, row, pos_c, best_min.shape[1])
+            threshold = torch.maximum(best_min[window], floor)[used_c] * (1.0 - _PRUNE_MARGIN)
+            high = _window_reduce(
+                scores[:, window : window + span_r], span_r, span_c, torch.maximum
+            )[:, 0]
+            class_ids = (high[:, used_c] >= threshold).any(1).nonzero()[:, 0]
+            yield top, row, class_ids
+            top = row
+
+    def _weighted_floor(
+        self, best_cell: torch.Tensor, top: int, bottom: int, pos_c: torch.Tensor, windows: int
+    ) -> torch.Tensor:
+        """(windows,) lower bound of the best full-size score over output rows [top, bottom),
+        per column window: min over those pixels of max_i w_i(p) * best_cell[i]."""
+        index, weight = self._upsampler.rows_index[top:bottom], self._upsampler.rows_weight[top:bottom]
+        rows = best_cell.index_select(0, index[:, 0]) * weight[:, 0, None]
+        for t in range(1, 4):
+            rows = torch.maximum(rows, best_cell.index_select(0, index[:, t]) * weight[:, t, None])
+        index, weight = self._upsampler.cols_index, self._upsampler.cols_weight
+        pixels = rows.index_select(1, index[:, 0]) * weight[:, 0]
+        for t in range(1, 4):
+            pixels = torch.maximum(pixels, rows.index_select(1, index[:, t]) * weight[:, t])
+        per_column = pixels.min(0).values  # (W0,)
+        floor = torch.zeros(windows)
+        return floor.scatter_reduce(0, pos_c, per_column, "amin", include_self=False)
 
     @cached_property
     def probs(self) -> np.ndarray:
@@ -210,10 +387,26 @@ class SegmentationResult:
         }
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
+    @cached_property
+    def colours(self) -> np.ndarray:
+        """(K, 3) uint8 colour per class (see :func:`class_colours`: from the class name)."""
+        return class_colours(self.classes)
+
+    @property
+    def background_index(self) -> int | None:
+        """The background class: the one named ``background=`` when segmenting, else an
+        entry literally named "background" (any of its synonyms); None without one."""
+        if self.unknown_label >= 0:
+            return self.unknown_label
+        for index, entry in enumerate(self.classes):
+            if "background" in (_name_key(n) for n in entry.split(",")):
+                return index
+        return None
+
     def colour_map(self) -> np.ndarray:
         """(H, W, 3) uint8 colour picture of the label map (unknown = black)."""
         k = len(self.classes)
-        colours = np.concatenate([palette(k), np.zeros((1, 3), np.uint8)])
+        colours = np.concatenate([self.colours, np.zeros((1, 3), np.uint8)])
         return colours[np.where(self.label_map < 0, k, self.label_map)]
 
     def to_pil(self):
@@ -231,7 +424,7 @@ class SegmentationResult:
             if img.mode != "P":
                 img = img.convert("P")
             table = np.zeros((256, 3), np.uint8)
-            table[:k] = palette(k)
+            table[:k] = self.colours
             img.putpalette(table.reshape(-1).tolist())
             return img
         if k > 65535:
@@ -239,14 +432,30 @@ class SegmentationResult:
         arr = np.where(self.label_map < 0, 65535, self.label_map).astype(np.uint16)
         return Image.fromarray(arr)
 
-    def overlay(self, image, alpha: float = 0.5, image_format: str = "RGB"):
-        """The image with class colours blended in (unknown pixels untouched) -> PIL RGB."""
+    def overlay(
+        self,
+        image,
+        alpha: float = 0.5,
+        image_format: str = "RGB",
+        *,
+        legend: bool = True,
+        background_alpha: float = 0.0,
+    ):
+        """The image with class colours blended in -> PIL RGB.
+
+        Unknown pixels are left untouched, and so is the background class
+        (:attr:`background_index`) unless ``background_alpha`` > 0 (then it is blended that
+        faintly). With ``legend``, a panel on the right lists the classes present (largest
+        first) with their colours, so the picture is wider than the image (and taller when
+        the list is longer than the image is high); ``legend=False`` keeps the image's size.
+        """
         from PIL import Image
 
         from .images import to_tensor
 
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        for name, value in (("alpha", alpha), ("background_alpha", background_alpha)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         (rgb,) = to_tensor(image, image_format)[:1]
         base = (rgb.permute(1, 2, 0).numpy() * 255.0).round().astype(np.float32)
         if base.shape[:2] != self.label_map.shape:
@@ -255,9 +464,59 @@ class SegmentationResult:
                 f"{self.label_map.shape[1]}x{self.label_map.shape[0]}: pass the segmented image"
             )
         colours = self.colour_map().astype(np.float32)
-        known = (self.label_map >= 0)[..., None]
-        blended = np.where(known, (1 - alpha) * base + alpha * colours, base)
-        return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8), "RGB")
+        strength = np.where(self.label_map >= 0, alpha, 0.0).astype(np.float32)
+        background = self.background_index
+        if background is not None:
+            strength[self.label_map == background] = alpha * background_alpha
+        strength = strength[..., None]
+        blended = np.where(strength > 0, (1 - strength) * base + strength * colours, base)
+        picture = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8), "RGB")
+        return self._with_legend(picture) if legend else picture
+
+    def legend_entries(self) -> list[tuple[str, tuple[int, int, int] | None, float]]:
+        """(class name, colour or None if unpainted, fraction of pixels) for the classes
+        present, largest first; the background is listed with colour None."""
+        ids, counts = np.unique(self.label_map, return_counts=True)
+        total = self.label_map.size
+        background = self.background_index
+        entries = []
+        for i, c in sorted(zip(ids.tolist(), counts.tolist(), strict=True), key=lambda x: -x[1]):
+            if i < 0:
+                continue
+            colour = None if i == background else tuple(int(v) for v in self.colours[i])
+            entries.append((self.classes[i], colour, c / total))
+        return entries
+
+    def _with_legend(self, picture):
+        """Append a legend panel (white, one row per present class) right of ``picture``."""
+        from PIL import Image, ImageDraw, ImageFont
+
+        entries = self.legend_entries()
+        if not entries:
+            return picture
+        try:
+            font = ImageFont.load_default(size=12)
+        except TypeError:  # Pillow < 10.1: fixed bitmap font
+            font = ImageFont.load_default()
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        labels = [f"{name}  {fraction:.0%}" for name, _, fraction in entries]
+        text_w = max(measure.textbbox((0, 0), t, font=font)[2] for t in labels)
+        row, swatch, pad = 16, 12, 4
+        width = pad + swatch + pad + text_w + pad
+        height = max(picture.height, pad + row * len(entries) + pad)
+        canvas = Image.new("RGB", (picture.width + width, height), (255, 255, 255))
+        canvas.paste(picture, (0, 0))
+        draw = ImageDraw.Draw(canvas)
+        x = picture.width + pad
+        for n, ((_, colour, _), label) in enumerate(zip(entries, labels, strict=True)):
+            y = pad + n * row
+            box = (x, y + 2, x + swatch - 1, y + 2 + swatch - 1)
+            if colour is None:  # unpainted background: an empty box
+                draw.rectangle(box, outline=(128, 128, 128))
+            else:
+                draw.rectangle(box, fill=colour)
+            draw.text((x + swatch + pad, y + 1), label, fill=(0, 0, 0), font=font)
+        return canvas
 
     def save(self, path: str | Path) -> Path:
         """Save the label map: ``.png`` (see :meth:`to_pil`) or ``.npy`` (int32 array)."""
