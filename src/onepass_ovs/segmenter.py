@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import ModelConfig, preset_config
 from .hub import CONFIG_NAME, WEIGHTS_NAME, load_weights, resolve_model_dir, save_weights
-from .images import Geometry, blend_ramp, prepare, to_tensor, window_boxes, window_starts
+from .images import Geometry, blend_ramp, prepare, to_tensors, window_boxes, window_starts
 from .result import UNKNOWN, SegmentationResult
 from .text import parse_vocabulary
 
@@ -300,9 +300,7 @@ class Segmenter:
         bar = _progress(len(inputs), progress)
         try:
             for start in range(0, len(inputs), batch_size):
-                chunk: list[torch.Tensor] = []
-                for item in inputs[start : start + batch_size]:
-                    chunk.extend(to_tensor(item, image_format))
+                chunk = to_tensors(inputs[start : start + batch_size], image_format, start if many else None)
                 chunk_masks = None
                 if mask_list is not None:
                     chunk_masks = mask_list[done : done + len(chunk)]
