@@ -23,6 +23,8 @@ import typer
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: wraps long paths instead of cropping them
+    context_settings={"max_content_width": 120},
     help="Train DeOP's stages (prompt -> proposals -> deop) on your own data.",
 )
 
