@@ -36,6 +36,23 @@ def test_label_map_equals_full_argmax_on_random_scores(threshold):
         np.testing.assert_array_equal(result.label_map, full, err_msg=f"trial {trial}")
 
 
+def test_label_map_exact_on_a_photo_geometry_with_smooth_flat_scores():
+    """Stride-4 scores of a padded canvas, upsampled 3.75x: long affine pieces, many
+    near-equal classes (the case the corner bounds prune), unknown threshold on."""
+    gen = torch.Generator().manual_seed(3)
+    k, h, w = 400, 16, 24
+    logits = torch.randn(k, h // 4, w // 4, generator=gen)
+    logits = torch.nn.functional.interpolate(logits[None], size=(h, w), mode="bilinear")[0]
+    scores = (logits * 3).softmax(0)
+    geometry = Geometry((240, 320), (64, 86), (64, 96))
+    result = SegmentationResult(scores, [f"c{i}" for i in range(k)], geometry, 0.01)
+    np.testing.assert_array_equal(result.label_map, result._label_rows(0, 240, None))
+    assert len(np.unique(result.label_map)) > 5
+    scores[3, 5, 7] = float("nan")  # non-finite scores: the plain argmax decides
+    odd = SegmentationResult(scores, [f"c{i}" for i in range(k)], geometry)
+    np.testing.assert_array_equal(odd.label_map, odd._label_rows(0, 240, None))
+
+
 def test_label_map_matches_interpolate_reference():
     """Independent reference: F.interpolate + argmax, on scores with clear winners."""
     gen = torch.Generator().manual_seed(1)

@@ -166,7 +166,10 @@ def _array_to_tensor(arr: np.ndarray) -> torch.Tensor:
     arr = arr[..., :3]
     if arr.dtype not in (np.uint8,) and not np.issubdtype(arr.dtype, np.floating):
         raise TypeError(f"numpy images must be uint8 or float in [0, 1], got {arr.dtype}")
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # e.g. np.asarray(PIL image): torch warns on read-only memory
+        arr = arr.copy()
+    t = torch.from_numpy(arr).permute(2, 0, 1)
     return _as_unit_float(t, "numpy image")
 
 

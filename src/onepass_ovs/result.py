@@ -16,6 +16,7 @@ _EPS = 1e-8
 _CLASS_CHUNK = 64  # classes resized at once: bounds memory for huge vocabularies
 _BAND_BYTES = 32 * 2**20  # rows of the full-size maps made at once: bounds memory for huge images
 _PRUNE_MIN_CLASSES = 2  # label maps of fewer classes upsample every class
+_MERGE_ROWS = 24  # output rows labelled together (their candidate classes merged)
 _PRUNE_BYTES = 16 * 2**20  # low-resolution window max/min computed this many bytes at a time
 # Relative slack on the "can this class win" bound: the blended scores are float32 sums
 # whose rounding can stray a few ulps beyond the exact convex combination.
@@ -100,36 +101,53 @@ def upsample_scores(scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     return x[0]
 
 
-def _linear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices (i0, i1) and weight of i1 for 1-D linear resizing, align_corners=False
-    (the sampling of ``F.interpolate(mode="bilinear")``)."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+def _linear_taps(n_in: int, n_out: int):
+    """Source indices (i0, i1), weight of i1 and a "clamped at the start" flag for 1-D
+    linear resizing, align_corners=False (the sampling of ``F.interpolate(mode="bilinear")``)."""
+    raw = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = raw.clamp_min(0)
     i0 = src.floor().long().clamp_max(n_in - 1)
     i1 = (i0 + 1).clamp_max(n_in - 1)
-    return i0, i1, src - i0
+    return i0, i1, src - i0, raw < 0
 
 
 def _axis_taps(n_in: int, n_pad: int, n_valid: int, n_out: int):
     """One axis of :func:`upsample_scores` as 4 taps per output cell.
 
     Resize n_in -> n_pad, keep the first n_valid, resize n_valid -> n_out. Returns indices
-    into the n_in input cells (n_out, 4) and their weights (n_out, 4).
+    into the n_in input cells (n_out, 4), their weights (n_out, 4), and a piece key
+    (n_out, 3): along a run of equal keys the 4 indices are fixed and the weights are
+    affine in the output position (so a blended score is linear along the run).
     """
     if n_in != n_pad:
-        a0, a1, wa = _linear_taps(n_in, n_pad)
+        a0, a1, wa, clamped_a = _linear_taps(n_in, n_pad)
     else:
         a0 = a1 = torch.arange(n_in)
         wa = torch.zeros(n_in, dtype=torch.float64)
+        clamped_a = torch.zeros(n_in, dtype=torch.bool)
     if n_valid != n_out:
-        b0, b1, wb = _linear_taps(n_valid, n_out)
+        b0, b1, wb, clamped_b = _linear_taps(n_valid, n_out)
+        # the first-stage weights at b0, b1 are constants: only wb varies (affinely)
+        key = torch.stack([b0, b1, clamped_b.long()], 1)
     else:
         b0 = b1 = torch.arange(n_out)
         wb = torch.zeros(n_out, dtype=torch.float64)
+        key = torch.stack([a0[b0], a1[b0], clamped_a[b0].long()], 1)
     index = torch.stack([a0[b0], a1[b0], a0[b1], a1[b1]], 1)
     weight = torch.stack(
         [(1 - wa[b0]) * (1 - wb), wa[b0] * (1 - wb), (1 - wa[b1]) * wb, wa[b1] * wb], 1
     )
-    return index, weight.float()
+    return index, weight.float(), key
+
+
+def _runs(key: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, stop) runs of consecutive equal rows of ``key`` (n, m)."""
+    n = key.shape[0]
+    if n == 0:
+        return []
+    change = (key[1:] != key[:-1]).any(1).nonzero()[:, 0] + 1
+    starts = [0, *change.tolist()]
+    return list(zip(starts, [*starts[1:], n], strict=True))
 
 
 class _RowUpsampler:
@@ -143,16 +161,28 @@ class _RowUpsampler:
         (h, w), (hp, wp), (h1, w1), (h0, w0) = (
             shape, geometry.padded, geometry.resized, geometry.original
         )
-        self.rows_index, self.rows_weight = _axis_taps(h, hp, h1, h0)
-        self.cols_index, self.cols_weight = _axis_taps(w, wp, w1, w0)
+        self.rows_index, self.rows_weight, self.rows_key = _axis_taps(h, hp, h1, h0)
+        self.cols_index, self.cols_weight, self.cols_key = _axis_taps(w, wp, w1, w0)
 
     def rows(self, scores: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """(C, h, w) low-resolution scores -> rows [start, stop) of the (C, H0, W0) map."""
-        index, weight = self.rows_index[start:stop], self.rows_weight[start:stop]
+        return self.at(scores, slice(start, stop), slice(None))
+
+    def at(self, scores: torch.Tensor, rows, cols, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """(C, h, w) -> (C, len(rows), len(cols)) full-size scores at the given output rows
+        and columns (slices or index tensors), bit-identical to :meth:`rows` there.
+
+        ``classes``: only these score maps (gathering just the cell rows needed).
+        """
+        index, weight = self.rows_index[rows], self.rows_weight[rows]
+        if classes is not None:
+            needed, local = torch.unique(index, return_inverse=True)
+            scores = scores[classes[:, None], needed[None, :]]  # (U, cells needed, w)
+            index = local.view(index.shape)
         band = scores.index_select(1, index[:, 0]) * weight[:, 0, None]
         for t in range(1, 4):
             band = band + scores.index_select(1, index[:, t]) * weight[:, t, None]
-        index, weight = self.cols_index, self.cols_weight
+        index, weight = self.cols_index[cols], self.cols_weight[cols]
         out = band.index_select(2, index[:, 0]) * weight[:, 0]
         for t in range(1, 4):
             out = out + band.index_select(2, index[:, t]) * weight[:, t]
@@ -253,8 +283,18 @@ class SegmentationResult:
         """
         h0, w0 = self.size
         labels = np.empty((h0, w0), dtype=np.int32)
+        band_top, band_ids = 0, []
         for top, bottom, class_ids in self._candidate_bands():
-            labels[top:bottom] = self._label_rows(top, bottom, class_ids)
+            if class_ids is None:
+                labels[top:bottom] = self._label_rows(top, bottom, None)
+                band_top = bottom
+                continue
+            band_ids.append(class_ids)
+            # merge thin pieces into bands of a few dozen rows: fewer, larger tensor ops
+            if bottom - band_top >= _MERGE_ROWS or bottom == h0:
+                merged = torch.unique(torch.cat(band_ids))
+                labels[band_top:bottom] = self._label_rows(band_top, bottom, merged)
+                band_top, band_ids = bottom, []
         return labels
 
     def _label_rows(self, top: int, bottom: int, class_ids: torch.Tensor | None) -> np.ndarray:
@@ -295,12 +335,14 @@ class SegmentationResult:
         """Yield (top, bottom, class_ids) bands covering the output rows, where class_ids
         (sorted, or None for all) holds every class that can be the argmax in those rows.
 
-        Each output pixel p blends input cells i with weights w_i(p) >= 0 summing to 1, all
-        within a window of ``span_r`` x ``span_c`` cells at (``pos_r``, ``pos_c``). So a
-        class's full-size score lies in [its min, its max] over that window, and the best
-        score at p is at least T(p) = max(largest min of a class, max_i w_i(p) * best score
-        at cell i). Only classes whose window max reaches T (less a margin for float
-        rounding) can win; the rest are never upsampled.
+        Each output pixel p blends input cells i with weights w_i(p) >= 0 summing to 1, so
+        a class's full-size score lies between its min and max over the cells involved, and
+        the best score at p is at least T(p) = max(the largest such min, max_i w_i(p) * best
+        score at cell i). A first cut keeps the classes whose max reaches T, over fixed
+        windows of cells. Then, on a run of rows (and of columns) along which the taps are
+        fixed, the weights are affine, so each score is bilinear over a block and its range
+        is that of the block's 4 corners: exact values at the corners prune the rest. Bounds
+        carry a margin for float rounding, so no class that can win is ever dropped.
         """
         k = len(self.classes)
         h0 = self.size[0]
@@ -312,48 +354,103 @@ class SegmentationResult:
             return
         up = self._upsampler
         h, w = scores.shape[-2:]
-        pos_r, span_r = _window_positions(up.rows_index, up.rows_weight, h)
+        span_r = min(h, int((up.rows_index.max(1).values - up.rows_index.min(1).values).max()) + 1)
         pos_c, span_c = _window_positions(up.cols_index, up.cols_weight, w)
         used_c = torch.unique(pos_c)
-        chunk = max(1, _PRUNE_BYTES // (4 * h * w))
-        best_min = None  # (h', w'): the largest min of a class over each window
-        for start in range(0, k, chunk):
-            low = _window_reduce(scores[start : start + chunk], span_r, span_c, torch.minimum)
-            low = low.max(0).values
-            best_min = low if best_min is None else torch.maximum(best_min, low)
-        best_cell = scores.max(0).values  # (h, w)
-        pos = pos_r.tolist()
-        top = 0
-        for row in range(1, h0 + 1):
-            if row < h0 and pos[row] == pos[top]:
+        col_runs = _runs(up.cols_key)
+        floors = self._row_floors(scores.max(0).values, pos_c, w - span_c + 1)  # (H0, w')
+        pieces = _runs(up.rows_key)
+        piece_pos = [min(int(up.rows_index[top].min()), h - span_r) for top, _ in pieces]
+        first = 0
+        while first < len(pieces):
+            # the pieces whose taps lie in the same window of span_r cell rows
+            last = first
+            while last < len(pieces) and piece_pos[last] == piece_pos[first]:
+                last += 1
+            group, pos = pieces[first:last], piece_pos[first]
+            first = last
+            cells = scores[:, pos : pos + span_r]
+            high = _window_reduce(cells, span_r, span_c, torch.maximum)[:, 0][:, used_c]
+            best_min = _window_reduce(cells, span_r, span_c, torch.minimum)[:, 0].max(0).values
+            floor = floors[group[0][0] : group[-1][1]].min(0).values
+            threshold = torch.maximum(best_min, floor)[used_c] * (1.0 - _PRUNE_MARGIN)
+            class_ids = (high.max(1).values >= threshold.min()).nonzero()[:, 0]
+            passes = high[class_ids] >= threshold  # (U, used windows)
+            class_ids, passes = class_ids[passes.any(1)], passes[passes.any(1)]
+            if len(class_ids) <= 1:
+                for top, bottom in group:
+                    yield top, bottom, class_ids
                 continue
-            # one run of output rows [top, row) sharing the row window at pos[top]
-            window = pos[top]
-            floor = self._weighted_floor(best_cell, top, row, pos_c, best_min.shape[1])
-            threshold = torch.maximum(best_min[window], floor)[used_c] * (1.0 - _PRUNE_MARGIN)
-            high = _window_reduce(
-                scores[:, window : window + span_r], span_r, span_c, torch.maximum
-            )[:, 0]
-            class_ids = (high[:, used_c] >= threshold).any(1).nonzero()[:, 0]
-            yield top, row, class_ids
-            top = row
+            keep = self._corner_check(class_ids, passes, group, used_c, pos_c, col_runs)
+            for piece, (top, bottom) in enumerate(group):
+                yield top, bottom, class_ids[keep[:, piece]]
 
-    def _weighted_floor(
-        self, best_cell: torch.Tensor, top: int, bottom: int, pos_c: torch.Tensor, windows: int
-    ) -> torch.Tensor:
-        """(windows,) lower bound of the best full-size score over output rows [top, bottom),
-        per column window: min over those pixels of max_i w_i(p) * best_cell[i]."""
-        index, weight = self._upsampler.rows_index[top:bottom], self._upsampler.rows_weight[top:bottom]
-        rows = best_cell.index_select(0, index[:, 0]) * weight[:, 0, None]
+    def _corner_check(self, class_ids, passes, group, used_c, pos_c, col_runs) -> torch.Tensor:
+        """(U, P) bool: can class ``class_ids[u]`` win somewhere in row piece p of ``group``?
+
+        On a block (row piece x column run) every score is bilinear, so its range is that of
+        the 4 corner values, computed exactly (bit-identical to the label map's) for the
+        (class, column run) pairs that passed the window test (``passes``: (U, used windows)).
+        """
+        up = self._upsampler
+        u_count, p_count = len(class_ids), len(group)
+        starts = torch.tensor([start for start, _ in col_runs])
+        ends = torch.tensor([stop - 1 for _, stop in col_runs])
+        window_slot = torch.full((int(pos_c.max()) + 1,), -1, dtype=torch.long)
+        window_slot[used_c] = torch.arange(len(used_c))
+        run_of_column = torch.repeat_interleave(
+            torch.arange(len(col_runs)), torch.tensor([stop - start for start, stop in col_runs])
+        )
+        column_passes = passes[:, window_slot[pos_c]].float()  # (U, W0)
+        run_passes = torch.zeros(u_count, len(col_runs)).index_add_(1, run_of_column, column_passes) > 0
+        pair_u, pair_run = run_passes.nonzero(as_tuple=True)  # (pairs,)
+        # row stage at the pieces' first and last rows, for the candidate classes only
+        rows = torch.tensor([r for top, bottom in group for r in (top, bottom - 1)])
+        index, weight = up.rows_index[rows], up.rows_weight[rows]
+        needed, local = torch.unique(index, return_inverse=True)
+        local = local.view(index.shape)
+        cells = self._scores[class_ids[:, None], needed[None, :]]  # (U, cell rows, w)
+        band = cells.index_select(1, local[:, 0]) * weight[:, 0, None]
         for t in range(1, 4):
-            rows = torch.maximum(rows, best_cell.index_select(0, index[:, t]) * weight[:, t, None])
-        index, weight = self._upsampler.cols_index, self._upsampler.cols_weight
-        pixels = rows.index_select(1, index[:, 0]) * weight[:, 0]
+            band = band + cells.index_select(1, local[:, t]) * weight[:, t, None]
+        band = band.permute(0, 2, 1)  # (U, w, 2P)
+        # column stage at each pair's two corner columns, same operations in the same order
+        corner_cols = torch.stack([starts[pair_run], ends[pair_run]], 1)  # (pairs, 2)
+        taps, tap_weight = up.cols_index[corner_cols], up.cols_weight[corner_cols]  # (pairs, 2, 4)
+        u_index = pair_u[:, None]
+        values = band[u_index, taps[..., 0]] * tap_weight[..., 0, None]  # (pairs, 2, 2P)
         for t in range(1, 4):
-            pixels = torch.maximum(pixels, rows.index_select(1, index[:, t]) * weight[:, t])
-        per_column = pixels.min(0).values  # (W0,)
-        floor = torch.zeros(windows)
-        return floor.scatter_reduce(0, pos_c, per_column, "amin", include_self=False)
+            values = values + band[u_index, taps[..., t]] * tap_weight[..., t, None]
+        values = values.view(len(pair_u), 2, p_count, 2)  # (pairs, column, piece, row)
+        upper = values.amax(dim=(1, 3))  # (pairs, P)
+        lower = values.amin(dim=(1, 3))
+        best_lower = torch.full((len(col_runs), p_count), -1.0).scatter_reduce(
+            0, pair_run[:, None].expand(-1, p_count), lower, "amax", include_self=True
+        )  # (runs, P): scores are >= 0, so -1 is below every lower bound
+        winning = upper >= best_lower[pair_run] * (1.0 - _PRUNE_MARGIN)  # (pairs, P)
+        keep = torch.zeros(u_count, p_count).index_add_(0, pair_u, winning.float())
+        return keep > 0
+
+    def _row_floors(self, best_cell: torch.Tensor, pos_c: torch.Tensor, windows: int) -> torch.Tensor:
+        """(H0, windows): per output row and column window, a lower bound of the best
+        full-size score there: min over its pixels of max_i w_i(p) * best_cell[i]."""
+        up = self._upsampler
+        h0, w0 = self.size
+        out = torch.empty(h0, windows)
+        step = max(1, 2**22 // max(1, w0))
+        for top in range(0, h0, step):
+            index, weight = up.rows_index[top : top + step], up.rows_weight[top : top + step]
+            rows = best_cell.index_select(0, index[:, 0]) * weight[:, 0, None]
+            for t in range(1, 4):
+                rows = torch.maximum(rows, best_cell.index_select(0, index[:, t]) * weight[:, t, None])
+            pixels = rows.index_select(1, up.cols_index[:, 0]) * up.cols_weight[:, 0]
+            for t in range(1, 4):
+                pixels = torch.maximum(pixels, rows.index_select(1, up.cols_index[:, t]) * up.cols_weight[:, t])
+            floor = torch.zeros(pixels.shape[0], windows)
+            out[top : top + step] = floor.scatter_reduce(
+                1, pos_c.expand(pixels.shape[0], -1), pixels, "amin", include_self=False
+            )
+        return out
 
     @cached_property
     def probs(self) -> np.ndarray:
