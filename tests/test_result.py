@@ -36,9 +36,13 @@ def test_label_map_equals_full_argmax_on_random_scores(threshold):
         np.testing.assert_array_equal(result.label_map, full, err_msg=f"trial {trial}")
 
 
-def test_label_map_exact_on_a_photo_geometry_with_smooth_flat_scores():
+@pytest.mark.parametrize("prune_bytes", [None, 4096])
+def test_label_map_exact_on_a_photo_geometry_with_smooth_flat_scores(prune_bytes, monkeypatch):
     """Stride-4 scores of a padded canvas, upsampled 3.75x: long affine pieces, many
-    near-equal classes (the case the corner bounds prune), unknown threshold on."""
+    near-equal classes (the case the corner bounds prune), unknown threshold on; also with
+    a tiny memory bound (classes in many chunks, two passes)."""
+    if prune_bytes is not None:
+        monkeypatch.setattr("onepass_ovs.result._PRUNE_BYTES", prune_bytes)
     gen = torch.Generator().manual_seed(3)
     k, h, w = 400, 16, 24
     logits = torch.randn(k, h // 4, w // 4, generator=gen)

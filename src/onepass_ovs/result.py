@@ -391,21 +391,56 @@ class SegmentationResult:
         On a block (row piece x column run) every score is bilinear, so its range is that of
         the 4 corner values, computed exactly (bit-identical to the label map's) for the
         (class, column run) pairs that passed the window test (``passes``: (U, used windows)).
+        Classes go in chunks (two passes when there are many), so memory stays bounded.
         """
-        up = self._upsampler
         u_count, p_count = len(class_ids), len(group)
+        runs = len(col_runs)
         starts = torch.tensor([start for start, _ in col_runs])
         ends = torch.tensor([stop - 1 for _, stop in col_runs])
+        # the column windows each run touches: [first, last] (a run's taps are fixed)
         window_slot = torch.full((int(pos_c.max()) + 1,), -1, dtype=torch.long)
         window_slot[used_c] = torch.arange(len(used_c))
-        run_of_column = torch.repeat_interleave(
-            torch.arange(len(col_runs)), torch.tensor([stop - start for start, stop in col_runs])
+        run_of_column = torch.repeat_interleave(torch.arange(runs), ends - starts + 1)
+        first = torch.full((runs,), len(used_c)).scatter_reduce(
+            0, run_of_column, window_slot[pos_c], "amin", include_self=True
         )
-        column_passes = passes[:, window_slot[pos_c]].float()  # (U, W0)
-        run_passes = torch.zeros(u_count, len(col_runs)).index_add_(1, run_of_column, column_passes) > 0
-        pair_u, pair_run = run_passes.nonzero(as_tuple=True)  # (pairs,)
-        # row stage at the pieces' first and last rows, for the candidate classes only
+        last = torch.full((runs,), -1).scatter_reduce(
+            0, run_of_column, window_slot[pos_c], "amax", include_self=True
+        )
         rows = torch.tensor([r for top, bottom in group for r in (top, bottom - 1)])
+        chunk = max(1, _PRUNE_BYTES // (8 * runs * 2 * 2 * p_count * 4))
+        chunks = [slice(i, i + chunk) for i in range(0, u_count, chunk)]
+
+        def corners(part: slice):
+            run_passes = torch.zeros(len(class_ids[part]), runs, dtype=torch.bool)
+            for offset in range(int((last - first).max()) + 1):
+                run_passes |= passes[part][:, torch.minimum(first + offset, last)]
+            pair_u, pair_run = run_passes.nonzero(as_tuple=True)
+            values = self._corner_values(class_ids[part], pair_u, starts[pair_run], ends[pair_run], rows)
+            values = values.view(len(pair_u), 2, p_count, 2)  # (pairs, column, piece, row)
+            return pair_u, pair_run, values.amax(dim=(1, 3)), values.amin(dim=(1, 3))
+
+        # scores are >= 0, so -1 is below every lower bound
+        best_lower = torch.full((runs, p_count), -1.0)  # (runs, P)
+        kept = []
+        for part in chunks:
+            pair_u, pair_run, upper, lower = corners(part)
+            best_lower = best_lower.scatter_reduce(
+                0, pair_run[:, None].expand(-1, p_count), lower, "amax", include_self=True
+            )
+            kept.append((pair_u, pair_run, upper) if len(chunks) == 1 else None)
+        keep = torch.zeros(u_count, p_count)
+        for part, stored in zip(chunks, kept, strict=True):
+            pair_u, pair_run, upper = stored if stored is not None else corners(part)[:3]
+            winning = upper >= best_lower[pair_run] * (1.0 - _PRUNE_MARGIN)  # (pairs, P)
+            keep[part].index_add_(0, pair_u, winning.float())
+        return keep > 0
+
+    def _corner_values(self, class_ids, pair_u, left, right, rows) -> torch.Tensor:
+        """Full-size scores of class ``class_ids[pair_u]`` at output rows ``rows`` (R,) and
+        columns ``left`` / ``right`` (pairs,) -> (pairs, 2, R), bit-identical to
+        :meth:`_RowUpsampler.rows` (the same float operations in the same order)."""
+        up = self._upsampler
         index, weight = up.rows_index[rows], up.rows_weight[rows]
         needed, local = torch.unique(index, return_inverse=True)
         local = local.view(index.shape)
@@ -413,23 +448,14 @@ class SegmentationResult:
         band = cells.index_select(1, local[:, 0]) * weight[:, 0, None]
         for t in range(1, 4):
             band = band + cells.index_select(1, local[:, t]) * weight[:, t, None]
-        band = band.permute(0, 2, 1)  # (U, w, 2P)
-        # column stage at each pair's two corner columns, same operations in the same order
-        corner_cols = torch.stack([starts[pair_run], ends[pair_run]], 1)  # (pairs, 2)
-        taps, tap_weight = up.cols_index[corner_cols], up.cols_weight[corner_cols]  # (pairs, 2, 4)
+        band = band.permute(0, 2, 1)  # (U, w, R)
+        columns = torch.stack([left, right], 1)  # (pairs, 2)
+        taps, tap_weight = up.cols_index[columns], up.cols_weight[columns]  # (pairs, 2, 4)
         u_index = pair_u[:, None]
-        values = band[u_index, taps[..., 0]] * tap_weight[..., 0, None]  # (pairs, 2, 2P)
+        values = band[u_index, taps[..., 0]] * tap_weight[..., 0, None]  # (pairs, 2, R)
         for t in range(1, 4):
             values = values + band[u_index, taps[..., t]] * tap_weight[..., t, None]
-        values = values.view(len(pair_u), 2, p_count, 2)  # (pairs, column, piece, row)
-        upper = values.amax(dim=(1, 3))  # (pairs, P)
-        lower = values.amin(dim=(1, 3))
-        best_lower = torch.full((len(col_runs), p_count), -1.0).scatter_reduce(
-            0, pair_run[:, None].expand(-1, p_count), lower, "amax", include_self=True
-        )  # (runs, P): scores are >= 0, so -1 is below every lower bound
-        winning = upper >= best_lower[pair_run] * (1.0 - _PRUNE_MARGIN)  # (pairs, P)
-        keep = torch.zeros(u_count, p_count).index_add_(0, pair_u, winning.float())
-        return keep > 0
+        return values
 
     def _row_floors(self, best_cell: torch.Tensor, pos_c: torch.Tensor, windows: int) -> torch.Tensor:
         """(H0, windows): per output row and column window, a lower bound of the best
