@@ -214,6 +214,12 @@ def test_errors_are_one_line(tiny_saved, tmp_path, rng):
         assert run.returncode == 2 and "Traceback" not in run.stderr
         (line,) = _error_lines(run.stderr)
         assert line.startswith("error: --device")
+    # click's usage errors too (no usage block, no hint line)
+    for bad in (["--batch-size", "0"], ["--bogus"]):
+        run = cli(image, "--classes", "cat", "--model", tiny_saved, *bad, cwd=tmp_path)
+        assert run.returncode == 2
+        (line,) = _error_lines(run.stderr)
+        assert line.startswith("error: ") and bad[0] in line
 
 
 def test_version_and_help(tmp_path):

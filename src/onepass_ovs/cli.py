@@ -78,7 +78,16 @@ class _SegmentCommand(TyperCommand):
     """Typer's command with ``--classes`` taking several values."""
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, expand_multi_value(list(args)))
+        try:
+            return super().parse_args(ctx, expand_multi_value(list(args)))
+        except Exception as err:
+            # click's usage errors print the usage, a hint and the error: make them one line
+            if hasattr(err, "format_message") and hasattr(err, "show"):
+                line = f"error: {' '.join(err.format_message().split())} (see ovs-segment --help)"
+                err.show = lambda file=None, line=line: typer.secho(
+                    line, fg=typer.colors.RED, err=True
+                )
+            raise
 
 
 def _version(value: bool) -> None:
