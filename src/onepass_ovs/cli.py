@@ -376,7 +376,8 @@ def _load_model(model: str, device: str | None):
         raise CliError(f"{_one_line(local_error)}{hint}")
     if hub_offline(False):
         raise CliError(
-            f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+            f"model {model!r} is not in the local Hugging Face cache and downloads are disabled "
+            "(HF_HUB_OFFLINE is set): "
             f"download it once with network access, or pass a local folder{hint}"
         )
     endpoint = _unreachable_hub()
