@@ -1,5 +1,5 @@
-"""DeOP's three training stages (docs/training.md), each a function and an ``ovs-train``
-command:
+"""DeOP's three training stages (docs/training.md) and GKC's training (docs/gkc.md), each a
+function and an ``ovs-train`` command:
 
 =============  ============================  ===========================================
 stage          function                      trains
@@ -7,6 +7,7 @@ stage          function                      trains
 ``prompt``     :func:`train_prompt`          the learned prompt context (CoOp)
 ``proposals``  :func:`train_proposals`       the MaskFormer proposal generator
 ``deop``       :func:`train_deop`            CAL, learned positions, void embedding
+``gkc``        :func:`train_gkc`             a whole GKC model (its text tower frozen)
 =============  ============================  ===========================================
 
 Each takes ``(segmenter, dataset, config)`` and returns a :class:`~onepass_ovs.Segmenter`;
@@ -16,6 +17,7 @@ Each takes ``(segmenter, dataset, config)`` and returns a :class:`~onepass_ovs.S
 
 from ._common import STAGE_DEFAULTS, STAGES, default_config, load_clip_weights
 from .deop import train_deop
+from .gkc import train_gkc
 from .prompt import add_prompt_context, train_prompt
 from .proposals import train_proposals
 
@@ -26,6 +28,7 @@ __all__ = [
     "default_config",
     "load_clip_weights",
     "train_deop",
+    "train_gkc",
     "train_prompt",
     "train_proposals",
 ]

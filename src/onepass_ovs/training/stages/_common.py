@@ -34,7 +34,7 @@ from ..trainer import Trainer
 
 logger = logging.getLogger("onepass_ovs.training")
 
-STAGES = ("prompt", "proposals", "deop")
+STAGES = ("prompt", "proposals", "deop", "gkc")
 RUN_DIR = "training"
 STAGE_FILE = "stage.json"
 
@@ -54,6 +54,13 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 60_000, "batch_size": 16, "optimizer": "adamw", "lr": 2e-4,
         "weight_decay": 1e-4, "lr_schedule": "poly", "poly_power": 0.9,
         "grad_clip_norm": 0.01,
+    },
+    # GKC (Mask2Former's recipe): the released baseline config has lr 3e-4 at batch 112,
+    # 50k steps, steps down at 40k/45k; a poly schedule stands in for the steps
+    "gkc": {
+        "steps": 50_000, "batch_size": 16, "optimizer": "adamw", "lr": 1e-4,
+        "weight_decay": 0.05, "lr_schedule": "poly", "poly_power": 0.9,
+        "grad_clip_norm": 0.01, "lr_multipliers": {"backbone": 0.1},
     },
 }  # fmt: skip
 
@@ -159,7 +166,10 @@ def load_clip_weights(
     from ...hub import ModelNotAvailableError, resolve_clip
     from ...models.towers import create_clip, load_open_clip_weights
 
-    model = deop_model(segmenter)
+    if isinstance(segmenter, Segmenter) and segmenter.config.family == "gkc":
+        model = segmenter.model  # GKC.load_clip_weights: the RN trunk and the text tower
+    else:
+        model = deop_model(segmenter)
     spec = str(spec)
     if not spec.startswith(("hf-hub:", "local-dir:")) and "/" not in spec:
         raise ValueError(
@@ -258,12 +268,14 @@ def run_stage(
     sample_transform,
     resume: bool | str | os.PathLike,
     record: dict[str, Any],
+    loss_fn=None,
 ) -> Trainer:
-    """Train ``stage_model`` with the engine; its run goes to ``output_dir/training``."""
+    """Train ``stage_model`` with the engine; its run goes to ``output_dir/training``.
+    ``loss_fn`` defaults to :func:`stage_loss`."""
     run_config = dataclasses.replace(config, output_dir=str(Path(config.output_dir) / RUN_DIR))
     trainer = Trainer(
         stage_model,
-        stage_loss,
+        loss_fn if loss_fn is not None else stage_loss,
         dataset,
         run_config,
         collate_fn=collate,
