@@ -504,16 +504,23 @@ def test_ovs_train_gkc_command(data_root, tmp_path):
 
     model, cfg = tiny_open_clip()
     clip_dir = save_open_clip_folder(model, cfg, tmp_path / "clip")
+    rn_model, rn_cfg = tiny_open_clip(resnet=True, seed=5)  # gkc-tiny's CLIP: its init
+    rn_dir = save_open_clip_folder(rn_model, rn_cfg, tmp_path / "rn")
     synonyms = tmp_path / "synonyms.json"
     synonyms.write_text(json.dumps(RECT_SYNONYMS))
     runner = CliRunner()
     common = ["--data", str(data_root), "--model", "gkc-tiny", "--steps", "2", "--batch-size", "2",
               "--workers", "0", "--no-progress", "--unseen", "yellow box"]  # fmt: skip
     result = runner.invoke(app, ["gkc", *common, "--output", str(tmp_path / "out"),
-                                 "--synonyms-json", str(synonyms),
+                                 "--synonyms-json", str(synonyms), "--clip", f"local-dir:{rn_dir}",
                                  "--teacher", f"local-dir:{clip_dir}"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    # --clip initialised the (frozen) text tower from the RN CLIP's weights
+    assert torch.equal(
+        saved["text_encoder.token_embedding.weight"], rn_model.token_embedding.weight
+    )
+    assert torch.equal(saved["text_encoder.text_projection"], rn_model.text_projection)
     record = json.loads((tmp_path / "out" / "training" / "stage.json").read_text())
     assert record["synonyms"][1] == ["red box", "crimson box", "scarlet box", "ruby box"]
     scores = json.loads((tmp_path / "out" / "training" / "synonym_scores.json").read_text())
