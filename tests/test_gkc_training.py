@@ -452,6 +452,10 @@ def test_ablation_flags_need_no_teacher_and_drop_their_terms(data_root, tmp_path
     with pytest.raises(ValueError, match="teacher"):
         train_gkc(Segmenter.from_config("gkc-tiny", device="cpu"), dataset,
                   quick_config(tmp_path / "noteacher", steps=1), use_synonyms=False)  # fmt: skip
+    with pytest.raises(ValueError, match="128-d but the model's text width is 32"):
+        train_gkc(Segmenter.from_config("gkc-tiny", device="cpu"), dataset,
+                  quick_config(tmp_path / "wide", steps=1), use_synonyms=False,
+                  teacher="demo")  # fmt: skip
     with pytest.raises(ValueError, match="gkc"):
         train_gkc(Segmenter.from_config("deop-tiny", device="cpu"), dataset,
                   quick_config(tmp_path / "deop", steps=1), distill=False)  # fmt: skip
@@ -528,3 +532,39 @@ def test_ovs_train_gkc_command(data_root, tmp_path):
 
     result = runner.invoke(app, ["gkc", *common, "--output", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--teacher" in result.output
+
+
+@pytest.mark.slow
+def test_two_process_gkc_run_writes_one_model_and_shares_the_caches(data_root, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from onepass_ovs.toy.clip import save_open_clip_folder
+
+    synonyms = tmp_path / "synonyms.json"
+    synonyms.write_text(json.dumps(RECT_SYNONYMS))
+    clip_dir = save_open_clip_folder(*tiny_open_clip(), tmp_path / "clip")
+    output = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "onepass_ovs.training.cli", "gkc", "--data", str(data_root), "--model", "gkc-tiny",
+        "--output", str(output), "--steps", "3", "--batch-size", "2", "--unseen", "yellow box",
+        "--workers", "0", "--device", "cpu", "--log-every", "1", "--no-progress",
+        "--synonyms-json", str(synonyms), "--teacher", f"local-dir:{clip_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("saved the trained model") == 1  # rank 0 alone reports
+    run_dir = output / "training"
+    assert (run_dir / "synonym_scores.json").is_file()
+    assert (run_dir / "teacher_embeddings.safetensors").is_file()
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").open()]
+    assert [entry["step"] for entry in log] == [1, 2, 3]
+    assert all(math.isfinite(entry["loss_kd"]) for entry in log)
+    state = json.loads(
+        (run_dir / "checkpoints" / "step_00000003" / "trainer_state.json").read_text()
+    )
+    assert state["world_size"] == 2
+    Segmenter.from_pretrained(output, device="cpu")

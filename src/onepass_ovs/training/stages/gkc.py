@@ -465,6 +465,12 @@ def train_gkc(
         barrier()
         teacher_emb, teacher_keys = load_or_embed_regions(cache / TEACHER_FILE, dataset, None,
                                                           write=False)  # fmt: skip
+        if teacher_emb.shape[1] != model.embed_dim:
+            raise ValueError(
+                f"the teacher's embeddings are {teacher_emb.shape[1]}-d but the model's text "
+                f"width is {model.embed_dim}: distillation needs a teacher of the model's "
+                "CLIP width (the paper's: the same RN50 as the text tower)"
+            )
 
     transform = SynonymDraw(augment or gkc_train_augment(size), scores, len(dataset.classes))
     with restore_requires_grad(model):
