@@ -261,7 +261,7 @@ def test_stage_defaults_are_the_papers():
     assert deop.grad_clip_norm == 0.01 and deop.optimizer == "adamw"
     merged = default_config("proposals", lr_multipliers={"proposals.pixel_decoder": 0.5})
     assert merged.lr_multipliers == {"proposals.backbone": 0.1, "proposals.pixel_decoder": 0.5}
-    assert set(STAGE_DEFAULTS) == {"prompt", "proposals", "deop"}
+    assert set(STAGE_DEFAULTS) == {"prompt", "proposals", "deop", "gkc"}
     with pytest.raises(ValueError, match="unknown stage"):
         default_config("sed")
 
