@@ -190,8 +190,8 @@ class GKCStage(StageModel):
 
     ``forward(images (B, 3, S, S) in [0, 1], labels (B, S, S) dataset ids, synonym_draw
     (B, C) per dataset class, stems list of B)`` -> ``{"loss", "loss_ce", "loss_syn_ce",
-    "loss_mask", "loss_dice", "loss_kd"}`` (the parts of the final output; ``loss`` sums
-    every output's).
+    "loss_mask", "loss_dice", "loss_kd"}``: the unweighted parts of the final output
+    (``loss_kd``: the mean over outputs), and ``loss``, the weighted sum over every output.
 
     Args:
         class_names: the seen classes (K) in order; ``lookup`` maps dataset ids to them.
@@ -380,10 +380,19 @@ def gkc_loss(model: nn.Module, batch: dict) -> dict:
 # -- the function -------------------------------------------------------------------------------
 
 
-def _frozen_clip(spec, device) -> FrozenClip | None:
-    if spec is None or isinstance(spec, FrozenClip):
-        return spec.to(device) if isinstance(spec, FrozenClip) else None
-    return load_frozen_clip(str(spec), device=device)
+class _ClipLoader:
+    """Loads each named CLIP once (the scorer defaults to the teacher)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.loaded: dict[str, FrozenClip] = {}
+
+    def __call__(self, spec: FrozenClip | str | None) -> FrozenClip | None:
+        if spec is None or isinstance(spec, FrozenClip):
+            return spec.to(self.device) if spec is not None else None
+        if str(spec) not in self.loaded:
+            self.loaded[str(spec)] = load_frozen_clip(str(spec), device=self.device)
+        return self.loaded[str(spec)]
 
 
 def train_gkc(
@@ -446,6 +455,7 @@ def train_gkc(
         )
     cache = Path(cache_dir) if cache_dir is not None else run_dir
     dist = init_distributed(config.device)
+    clips = _ClipLoader(dist.device)
 
     sets = build_synonym_sets(names, synonym_sources) if use_synonyms else [[n] for n in names]
     scores = None
@@ -453,14 +463,14 @@ def train_gkc(
         by_id = {cid: s for cid, s in zip(seen_ids, sets, strict=True)}
         if dist.is_main:
             load_or_score_synonyms(cache / SCORES_FILE, dataset, by_id,
-                                   _frozen_clip(scorer or teacher, dist.device),
+                                   clips(scorer or teacher),
                                    progress=config.progress_bar)  # fmt: skip
         barrier()
         scores = load_or_score_synonyms(cache / SCORES_FILE, dataset, by_id, None, write=False)
     teacher_emb, teacher_keys = None, ()
     if distill:
         if dist.is_main:
-            load_or_embed_regions(cache / TEACHER_FILE, dataset, _frozen_clip(teacher, dist.device),
+            load_or_embed_regions(cache / TEACHER_FILE, dataset, clips(teacher),
                                   progress=config.progress_bar)  # fmt: skip
         barrier()
         teacher_emb, teacher_keys = load_or_embed_regions(cache / TEACHER_FILE, dataset, None,
@@ -472,6 +482,7 @@ def train_gkc(
                 "CLIP width (the paper's: the same RN50 as the text tower)"
             )
 
+    del clips  # the CLIPs are not needed while training
     transform = SynonymDraw(augment or gkc_train_augment(size), scores, len(dataset.classes))
     with restore_requires_grad(model):
         seeded_init(config.seed, "gkc_stage")
