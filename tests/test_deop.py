@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from onepass_ovs import Segmenter
 from onepass_ovs.models.anchors import AnchorPooling, mask_average_pool, proposal_gate
-from onepass_ovs.models.assembly import semantic_scores
+from onepass_ovs.models.assembly import AssembledScores, semantic_scores
 from onepass_ovs.models.layers import sine_position_embedding
 
 
@@ -56,17 +56,116 @@ def test_mask_average_pool():
     torch.testing.assert_close(out[0, 1], F.normalize(dense[0, 3], dim=-1))
 
 
-def test_semantic_scores_equals_upsample_first():
-    masks = torch.randn(2, 5, 6, 7)
+def test_assembly_upsamples_logits_before_the_sigmoid():
+    """DeOP's order: sum_n p_n[c] * sigmoid(up(M_n)) at the input size (as training's loss)."""
+    torch.manual_seed(0)
+    masks = torch.randn(2, 5, 6, 7) * 4
     logits = torch.randn(2, 5, 4)  # K = 3 + void
-    scores = semantic_scores(masks, logits)
-    up = F.interpolate(scores, size=(24, 28), mode="bilinear", align_corners=False)
-    masks_up = F.interpolate(masks, size=(24, 28), mode="bilinear", align_corners=False).sigmoid()
-    # sigmoid does not commute with resizing: DeOP upsamples the sigmoid maps
-    up_masks_sig = F.interpolate(masks.sigmoid(), size=(24, 28), mode="bilinear", align_corners=False)
-    direct = torch.einsum("bnk,bnhw->bkhw", logits.softmax(-1)[..., :3], up_masks_sig)
-    torch.testing.assert_close(up, direct, atol=1e-5, rtol=1e-5)
-    assert masks_up.shape == up_masks_sig.shape
+    canvas = (24, 28)
+    up = F.interpolate(masks, size=canvas, mode="bilinear", align_corners=False).sigmoid()
+    expected = torch.einsum("bnk,bnhw->bkhw", logits.softmax(-1)[..., :3], up)
+    lazy = AssembledScores(masks, logits, canvas)
+    assert lazy.shape == (2, 3, *canvas)
+    torch.testing.assert_close(lazy.dense(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(semantic_scores(masks, logits, canvas), expected)
+    rows = torch.tensor([3, 0, 23, 3])
+    torch.testing.assert_close(lazy.rows(rows), expected[:, :, rows], atol=1e-5, rtol=1e-5)
+    # the other order (sigmoid at mask resolution, then resize) is measurably different
+    other = F.interpolate(semantic_scores(masks, logits), size=canvas, mode="bilinear",
+                          align_corners=False)
+    assert (other - expected).abs().max() > 0.05
+    # class-side operations are exact because assembly is linear in the probabilities
+    torch.testing.assert_close(lazy.select(1, 3).dense(), expected[:, 1:3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lazy.class_sum().dense(), expected.sum(1, keepdim=True),
+                               atol=1e-5, rtol=1e-5)
+    merged = lazy.merge_classes(0, 2).dense()
+    torch.testing.assert_close(merged[:, 0], expected[:, 1:].sum(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged[:, 1], expected[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_segment_label_map_follows_the_authors_assembly():
+    """The label map equals argmax of the direct formula: up(M) to the padded input,
+    sigmoid, assemble, crop the valid region, resize to the original size."""
+    from onepass_ovs.images import prepare, to_tensor
+
+    seg = Segmenter.from_config("deop-tiny", seed=0)
+    with torch.no_grad():  # confident masks, as a trained model has: the orders then differ
+        seg.model.proposals.mask_embed.layers[-1].weight.mul_(100)
+    rng = torch.Generator().manual_seed(1)
+    image = torch.rand(3, 45, 61, generator=rng)
+    vocab = ["a", "b", "c"]
+    res = seg.segment(image, vocab)
+    canvas, geometry = prepare(to_tensor(image)[0], seg.config.preprocess)
+    with torch.no_grad():
+        model = seg.model
+        out = model(canvas[None], model.text(vocab), [geometry.resized])
+        sem = semantic_scores(out["mask_logits"], out["class_logits"], geometry.padded)
+    h1, w1 = geometry.resized
+    sem = F.interpolate(sem[..., :h1, :w1], size=geometry.original, mode="bilinear",
+                        align_corners=False)[0]
+    expected = sem.argmax(0).numpy()
+    # ties aside (float rounding), every pixel agrees
+    assert (res.label_map == expected).mean() > 0.999
+    # the result's normalisation (a tiny epsilon where every mask is off)
+    probs = ((sem + 1e-8) / (sem.sum(0, keepdim=True) + 3e-8)).numpy()
+    assert abs(res.probs - probs).max() < 1e-4
+    # sigmoid at the mask resolution, then resizing, is far off on the same model
+    low = semantic_scores(out["mask_logits"], out["class_logits"])
+    low = F.interpolate(low, size=geometry.padded, mode="bilinear", align_corners=False)
+    low = F.interpolate(low[..., :h1, :w1], size=geometry.original, mode="bilinear",
+                        align_corners=False)[0]
+    assert abs(((low + 1e-8) / (low.sum(0, keepdim=True) + 3e-8)).numpy() - probs).max() > 0.05
+
+
+def test_cal_attention_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    dim, heads, n = 16, 4, 3
+    cal = AnchorPooling(dim, n, num_heads=heads, dim_feedforward=8, dropout=0.5)
+    dense = F.normalize(torch.randn(2, 12, dim), dim=-1)
+    mask_logits = torch.randn(2, n, 6, 8)
+    cal.eval()
+    with torch.no_grad():
+        a, b = cal(dense, (3, 4), mask_logits), cal(dense, (3, 4), mask_logits)
+    torch.testing.assert_close(a, b)
+    cal.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        c = cal(dense, (3, 4), mask_logits)
+    # reproduce the training pass with the same random stream: decoder dropouts first,
+    # then one dropout mask on the pooling attention, between the softmax and the gate
+    torch.manual_seed(1)
+    with torch.no_grad():
+        pos = sine_position_embedding(3, 4, dim)
+        qpos = cal.query_pos.weight.expand(2, -1, -1)
+        anchors = cal.decoder(torch.zeros_like(qpos), dense, qpos, pos)
+        q = anchors + qpos
+        anchors = cal.out_norm(anchors + cal.dropout(cal.out_attn(q, q, anchors)[0]))
+        qh = cal.q_proj(anchors + qpos).unflatten(-1, (heads, -1)).transpose(1, 2)
+        kh = cal.k_proj(dense + pos).unflatten(-1, (heads, -1)).transpose(1, 2)
+        attention = (qh @ kh.transpose(-1, -2) / (dim // heads) ** 0.5).softmax(-1)
+        attention = F.dropout(attention, 0.5, training=True)
+        gate = proposal_gate(mask_logits, (3, 4))
+        pooled = (attention * gate[:, None]) @ dense.unflatten(-1, (heads, -1)).transpose(1, 2)
+        expected = F.normalize(pooled.transpose(1, 2).flatten(2), dim=-1)
+    torch.testing.assert_close(c, expected, atol=1e-5, rtol=1e-5)
+    assert (c - a).abs().max() > 1e-3  # dropout changed the training output
+
+
+def test_quick_gelu_from_the_preset_and_checked_on_load():
+    from onepass_ovs.config import ClipConfig
+    from onepass_ovs.models.registry import preset_config
+    from onepass_ovs.models.towers import TINY_CLIP_CFG, create_clip
+
+    assert preset_config("deop-vit-b16").clip.model_cfg["quick_gelu"] is True
+    seg = Segmenter.from_config("deop-tiny", seed=0)  # plain GELU
+    quick = create_clip(ClipConfig(model_cfg={**TINY_CLIP_CFG, "quick_gelu": True}))
+    with pytest.raises(ValueError, match="QuickGELU"):
+        seg.model.load_clip_weights(quick)
+    plain = create_clip(ClipConfig(model_cfg=dict(TINY_CLIP_CFG)))
+    seg.model.load_clip_weights(plain)
+    torch.testing.assert_close(
+        seg.model.clip_visual.conv1.weight, plain.visual.conv1.weight, atol=0, rtol=0
+    )
 
 
 def test_classify_appends_void_last(tiny_segmenter):
@@ -97,14 +196,28 @@ def test_full_size_deop_vit_b16_forward_shapes():
     torch.testing.assert_close(out["pooled"].norm(dim=-1), torch.ones(1, 100))
 
 
-@pytest.mark.parametrize("variant", ["weighted", "identity", "mask-guided", "none"])
 @torch.no_grad()
-def test_every_severance_variant_runs_in_the_model(variant):
-    seg = Segmenter.from_config("deop-tiny", seed=0)
-    cfg = seg.config.replace(**{"clip.severance": variant})
-    seg2 = Segmenter.from_config(cfg, seed=0)
-    res = seg2.segment(torch.rand(3, 64, 64), ["a", "b"])
-    assert res.label_map.shape == (64, 64)
+def test_every_severance_variant_reaches_the_tower():
+    """Each variant is built into the model and changes its pooled features; 'none' equals
+    the plain CLIP pass."""
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    base = Segmenter.from_config("deop-tiny", seed=0).config
+    pooled = {}
+    for variant in ("weighted", "identity", "mask-guided", "none"):
+        model = Segmenter.from_config(base.replace(**{"clip.severance": variant}), seed=0).model
+        assert model.clip_visual.severance == variant
+        out = model.encode_image(images)
+        pooled[variant] = out["pooled"]
+        if variant == "none":
+            x = (images - torch.tensor(base.preprocess.clip_mean).view(1, 3, 1, 1)) / torch.tensor(
+                base.preprocess.clip_std).view(1, 3, 1, 1)
+            tokens, _ = model.clip_visual.forward_tokens(x)
+            plain, _ = model.clip_visual.forward_tokens(x, plain=True)
+            torch.testing.assert_close(tokens, plain)  # zero-initialised learned positions
+    names = list(pooled)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert (pooled[a] - pooled[b]).abs().max() > 1e-4, (a, b)
 
 
 def test_padding_is_zero_in_normalised_space():

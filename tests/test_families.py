@@ -121,7 +121,7 @@ def test_batch_equals_single(built):
     for image, res in zip(images, batch, strict=True):
         single = seg.segment(image, VOCAB)
         np.testing.assert_allclose(res.probs, single.probs, atol=1e-5)
-        np.testing.assert_array_equal(res.label_map, single.label_map)
+        _assert_same_labels_except_ties(res, single)
 
 
 def test_sliding_window_equals_one_pass_when_the_image_fits(built):
@@ -132,4 +132,13 @@ def test_sliding_window_equals_one_pass_when_the_image_fits(built):
     assert not windows.needed((64, 96))
     slid = seg.segment(image, VOCAB, sliding_window=128)
     np.testing.assert_allclose(slid.probs, one.probs, atol=1e-5)
-    np.testing.assert_array_equal(slid.label_map, one.label_map)
+    _assert_same_labels_except_ties(slid, one)
+
+
+def _assert_same_labels_except_ties(a, b, margin=1e-4):
+    """Label maps agree wherever the best class leads the second by more than ``margin``
+    (random weights make near-ties, where float rounding may pick either)."""
+    top2 = np.sort(b.probs, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > margin
+    assert clear.any()
+    np.testing.assert_array_equal(a.label_map[clear], b.label_map[clear])

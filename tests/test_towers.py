@@ -1,9 +1,13 @@
-"""The dense CLIP wrapper: parity with open_clip, position interpolation, severance variants."""
+"""CLIP towers: parity with open_clip, position interpolation, severance variants, and the
+tower kinds (ViT, ViT with a conv stem, timm ConvNeXt)."""
 
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +148,97 @@ def test_rejects_sizes_not_multiple_of_patch():
     dense = DenseViT(_tiny_visual(), severance="none")
     with pytest.raises(ValueError, match="multiple of the patch"):
         dense(torch.randn(1, 3, 50, 64))
+
+
+# -- tower kinds --------------------------------------------------------------------------------
+
+
+def _conv_stem_config():
+    from onepass_ovs.models.registry import preset_config
+
+    cfg = preset_config("clip-tiny")
+    cfg.clip.conv_stem = (8, 8, 16, 16)  # patch 16: four stride-2 convs
+    return cfg
+
+
+def test_tower_kinds_are_read_from_the_config():
+    from onepass_ovs.models.registry import preset_config
+    from onepass_ovs.models.towers import tower_kind
+
+    assert tower_kind(preset_config("clip-tiny").clip) == "vit"
+    assert tower_kind(_conv_stem_config().clip) == "vit-conv-stem"
+    convnext = ClipConfig(model_name="convnext_base_w_320")
+    convnext.model_cfg = open_clip.get_model_config("convnext_base_w_320")
+    assert tower_kind(convnext) == "timm-convnext"
+    resnet = ClipConfig(model_cfg=open_clip.get_model_config("RN50"))
+    with pytest.raises(ValueError, match="no dense adapter"):
+        tower_kind(resnet)
+
+
+def test_conv_stem_replaces_the_patchify_conv_with_the_same_output_grid():
+    from onepass_ovs.models.towers import ConvStem
+
+    cfg = _conv_stem_config()
+    clip = create_clip(cfg.clip)
+    assert isinstance(clip.visual.conv1, ConvStem)
+    x = torch.randn(2, 3, 64, 96)
+    assert clip.visual.conv1(x).shape == (2, 32, 4, 6)
+    with torch.no_grad():  # open_clip's own forward runs through the stem
+        assert clip.eval().encode_image(torch.randn(1, 3, 64, 64)).shape == (1, 32)
+    with pytest.raises(ValueError, match="log2"):
+        ConvStem((8, 8), 32, 16)
+
+
+def test_conv_stem_model_round_trips_and_slides(tmp_path):
+    from onepass_ovs import Segmenter
+
+    seg = Segmenter.from_config(_conv_stem_config(), seed=0, device="cpu")
+    # give BatchNorm non-trivial statistics, as a trained stem has
+    for module in seg.model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    seg.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["clip"]["conv_stem"] == [8, 8, 16, 16]
+    loaded = Segmenter.from_pretrained(tmp_path, device="cpu")
+    a, b = seg.model.state_dict(), loaded.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("running_var" in k for k in a)
+    image = (np.random.default_rng(0).random((70, 90, 3)) * 255).astype(np.uint8)
+    vocab = ["red circle", "background"]
+    one = loaded.segment(image, vocab, sliding_window=False)
+    np.testing.assert_array_equal(one.label_map, seg.segment(image, vocab, sliding_window=False).label_map)
+    # windows smaller than the image: blended tiles, still the full-size map
+    slid = loaded.segment(image, vocab, size="original", sliding_window=(48, 32))
+    assert slid.label_map.shape == (70, 90)
+    fits = loaded.segment(image, vocab, sliding_window=4096)
+    np.testing.assert_allclose(fits.probs, one.probs, atol=1e-6)
+
+
+@torch.no_grad()
+def test_convnext_tower_dense_head_matches_encode_image():
+    """Averaging the stride-32 map, then the tower's head, is open_clip's encode_image."""
+    from onepass_ovs.models.towers import DenseConvNeXt
+
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False,
+                       "timm_pool": "", "timm_proj": "linear", "image_size": 64},
+        "text_cfg": TINY_CLIP_CFG["text_cfg"],
+    }
+    torch.manual_seed(0)
+    clip = create_clip(ClipConfig(model_name="atto", model_cfg=cfg)).eval()
+    tower = DenseConvNeXt(clip.visual)
+    images = torch.randn(2, 3, 64, 96)
+    stages = tower.stages(images)
+    assert [s.shape[-1] for s in stages] == [24, 12, 6, 3]
+    dense, grid = tower(images)
+    assert grid == (2, 3) and dense.shape == (2, 6, 32)
+    torch.testing.assert_close(dense.norm(dim=-1), torch.ones(2, 6))
+    torch.testing.assert_close(tower.global_embedding(images), clip.encode_image(images),
+                               atol=1e-5, rtol=1e-5)
+    # per-pixel head: the embedding at one pixel is the head applied to that pixel alone
+    res5 = stages[-1]
+    pixel = clip.visual.head(clip.visual.trunk.head.norm(res5[:, :, 1:2, 2:3]).flatten(1))
+    torch.testing.assert_close(tower.embed(res5)[:, :, 1, 2], pixel, atol=1e-5, rtol=1e-5)

@@ -411,7 +411,11 @@ class DenseConvNeXt(nn.Module):
         self.norm_pre = getattr(trunk, "norm_pre", nn.Identity())
         self.head_norm = trunk.head.norm
         self.head = visual.head  # CLIP projection: Linear or Mlp
-        self.stage_channels = [stage.blocks[-1].mlp.fc2.out_features for stage in trunk.stages]
+        # fc2 is a Linear, or a 1x1 Conv2d in timm's conv_mlp variants (atto ... nano)
+        self.stage_channels = [
+            getattr(fc2, "out_features", None) or fc2.out_channels
+            for fc2 in (stage.blocks[-1].mlp.fc2 for stage in trunk.stages)
+        ]
         self.output_dim = _head_dim(self.head)
 
     @property

@@ -1,0 +1,168 @@
+"""Training SED (METHODS.md section 2): the decoder and, at lr x 0.01, the CLIP image tower.
+
+Not wired into ``ovs-train`` yet (that needs the CLI and the stage table); call
+:func:`train_sed` from Python::
+
+    from onepass_ovs.training.stages.sed import sed_default_config, train_sed
+    seg = Segmenter.from_config("sed-convnext-b")          # then load CLIP weights
+    train_sed(seg, FolderDataset(root, unseen=[...]), sed_default_config(output_dir="runs/sed"))
+
+Recipe (the authors'): AdamW 2e-4, weight decay 1e-4 (none on norms and biases), cosine
+schedule without warmup, 80k steps, batch 4, grad-norm clip 0.01 on the whole model; the
+whole CLIP image tower at lr x 0.01, the text tower frozen. Square crops (short side
+resized to the crop, random crop, colour jitter, flip). Loss: four equal BCE-with-logits
+terms (final logits and the three auxiliary heads), each output bilinearly upsampled to the
+label map, one-hot targets, mean over pixels x classes; ignore pixels are not masked, they
+get all-zero targets (as the reference). The auxiliary heads read detached features
+(inside the model), so CLIP gets gradient only through the cost map.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...data import IGNORE_INDEX
+from ...segmenter import Segmenter
+from ..augment import ColorJitter, SegmentationAugment
+from ..config import TrainConfig
+from ._common import (
+    StageModel,
+    check_crop,
+    check_dataset,
+    finish,
+    restore_requires_grad,
+    run_stage,
+    seen_classes,
+)
+
+SED_DEFAULTS: dict[str, Any] = {
+    "steps": 80_000, "batch_size": 4, "optimizer": "adamw", "lr": 2e-4,
+    "weight_decay": 1e-4, "lr_schedule": "cosine", "grad_clip_norm": 0.01,
+    "lr_multipliers": {"clip_visual": 0.01},
+}  # fmt: skip
+TRAINABLE = ("clip_visual", "decoder")
+# The reference caps the long side at 2666 for a 768 short side.
+_LONG_SIDE_RATIO = 2666 / 768
+
+
+def sed_default_config(**overrides: Any) -> TrainConfig:
+    """The paper's :class:`TrainConfig` for SED with ``overrides`` applied (lr multipliers
+    are merged into the default ``{"clip_visual": 0.01}``)."""
+    values = {**SED_DEFAULTS, **overrides}
+    values["lr_multipliers"] = {
+        **SED_DEFAULTS["lr_multipliers"], **overrides.get("lr_multipliers", {})
+    }  # fmt: skip
+    return TrainConfig(**values)
+
+
+def sed_train_augment(crop_size: int = 768) -> SegmentationAugment:
+    """Short side resized to the crop (long side capped at 2666/768 of it), random
+    ``crop_size`` square crop, colour jitter, horizontal flip."""
+    return SegmentationAugment(
+        crop_size,
+        short_side=(crop_size, crop_size),
+        max_long_side=round(crop_size * _LONG_SIDE_RATIO),
+        color_jitter=ColorJitter(),
+    )
+
+
+def sed_loss(
+    logits: torch.Tensor, aux_logits: list[torch.Tensor], labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """logits (B, K, h, w), aux_logits [(B, K, h_i, w_i)] x 3, labels (B, S, S) indices
+    into the K classes or ``IGNORE_INDEX`` -> ``{"loss", "loss_final", "loss_aux0..2"}``."""
+    classes = logits.shape[1]
+    size = labels.shape[-2:]
+    valid = labels != IGNORE_INDEX
+    target = F.one_hot(labels.clamp_min(0), classes).permute(0, 3, 1, 2).float()
+    target = target * valid.unsqueeze(1)  # ignore pixels: all-zero targets, not masked
+    terms = {}
+    for name, out in (("loss_final", logits), *((f"loss_aux{i}", a) for i, a in enumerate(aux_logits))):
+        up = F.interpolate(out.float(), size=size, mode="bilinear", align_corners=False)
+        terms[name] = F.binary_cross_entropy_with_logits(up, target)
+    return {"loss": sum(terms.values()), **terms}
+
+
+class SedStage(StageModel):
+    """SED with a frozen text tower and precomputed per-template text embeddings.
+
+    ``forward(images (B, 3, S, S) in [0, 1], labels (B, S, S) dataset ids)`` -> the terms
+    of :func:`sed_loss`.
+    """
+
+    def __init__(self, model: nn.Module, class_names: list[str], lookup: torch.Tensor):
+        super().__init__(model, trainable=TRAINABLE)
+        self.class_names = list(class_names)
+        with torch.no_grad():
+            was_training = model.text.training
+            model.text.eval()
+            text = model.text(class_names).float().detach().clone()  # (K, P, E)
+            model.text.train(was_training)
+        self.register_buffer("text_embeddings", text, persistent=False)
+        self.register_buffer("label_lookup", lookup, persistent=False)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        out = self.model(images, self.text_embeddings)
+        return sed_loss(out["logits"], out["aux_logits"], self.label_lookup[labels])
+
+
+def _sed_model(segmenter: Segmenter) -> nn.Module:
+    if not isinstance(segmenter, Segmenter):
+        raise TypeError(f"expected a Segmenter, got {type(segmenter).__name__}")
+    if segmenter.config.family != "sed":
+        raise ValueError(f"train_sed trains 'sed' models, not {segmenter.config.family!r}")
+    model = segmenter.model
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model.float()
+    return model
+
+
+def train_sed(
+    segmenter: Segmenter,
+    dataset: Any,
+    config: TrainConfig | None = None,
+    *,
+    crop_size: int | None = None,
+    augment=None,
+    resume: bool | str | os.PathLike = False,
+) -> Segmenter:
+    """Train SED's decoder and CLIP image tower on ``dataset``'s seen classes.
+
+    Args:
+        segmenter: a SED segmenter (its CLIP initialised from an open_clip ConvNeXt CLIP
+            with ``model.load_clip_weights``, or a saved SED to fine-tune).
+        dataset: a :class:`~onepass_ovs.data.FolderDataset` (or COCO-Stuff), with
+            ``unseen=...`` for the open-vocabulary protocol (unseen pixels become ignore).
+        config: default :func:`sed_default_config` (the paper's recipe).
+        crop_size: square training crops; default the model's short side (768).
+        augment: replaces :func:`sed_train_augment` as the sample transform.
+
+    Returns a Segmenter around the trained model (also saved to ``config.output_dir``).
+    """
+    config = config or sed_default_config()
+    check_dataset(dataset)
+    model = _sed_model(segmenter)
+    size = crop_size or model.config.preprocess.short_side
+    check_crop(size, model.config)
+    names, lookup = seen_classes(dataset)
+    with restore_requires_grad(model):
+        stage = SedStage(model, names, lookup)
+        trainer = run_stage(
+            "sed",
+            stage,
+            dataset,
+            config,
+            sample_transform=augment or sed_train_augment(size),
+            resume=resume,
+            record={
+                "classes": names,
+                "unseen": [dataset.classes[i] for i in dataset.unseen_ids],
+                "crop_size": size,
+            },
+        )
+    return finish(model, trainer, config.output_dir)
