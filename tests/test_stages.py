@@ -261,14 +261,14 @@ def test_stage_defaults_are_the_papers():
     assert deop.grad_clip_norm == 0.01 and deop.optimizer == "adamw"
     merged = default_config("proposals", lr_multipliers={"proposals.pixel_decoder": 0.5})
     assert merged.lr_multipliers == {"proposals.backbone": 0.1, "proposals.pixel_decoder": 0.5}
-    assert set(STAGE_DEFAULTS) == {"prompt", "proposals", "deop", "sed"}
+    assert set(STAGE_DEFAULTS) == {"prompt", "proposals", "deop", "sed", "gkc"}
     sed = default_config("sed")
     assert (sed.optimizer, sed.lr, sed.weight_decay, sed.lr_schedule, sed.grad_clip_norm) == (
         "adamw", 2e-4, 1e-4, "cosine", 0.01
     )  # fmt: skip
     assert (sed.steps, sed.batch_size, sed.lr_multipliers) == (80_000, 4, {"clip_visual": 0.01})
     with pytest.raises(ValueError, match="unknown stage"):
-        default_config("gkc")
+        default_config("maskclip")
 
 
 def test_stage_input_errors(data_root, tmp_path):

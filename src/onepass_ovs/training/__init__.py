@@ -30,7 +30,7 @@ _LAZY = {
     ),
     "matcher": ("HungarianMatcher",),
     "losses": ("SetCriterion", "assembled_map_loss", "dice_loss", "sigmoid_focal_loss"),
-    "stages": ("default_config", "train_deop", "train_prompt", "train_proposals"),
+    "stages": ("default_config", "train_deop", "train_gkc", "train_prompt", "train_proposals"),
 }
 __getattr__, __dir__, _NAMES = lazy_exports(__name__, globals(), _LAZY)
 __all__ = _NAMES

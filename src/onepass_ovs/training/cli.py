@@ -1,11 +1,12 @@
-"""``ovs-train``: DeOP's three training stages and SED's one from the command line.
+"""``ovs-train``: DeOP's three training stages, SED's and GKC's training from the command line.
 
     ovs-train prompt    --data DIR --model deop-vit-b16 --clip ViT-B-16/openai --output runs/prompt
     ovs-train proposals --data DIR --model runs/prompt --output runs/proposals
     ovs-train deop      --data DIR --model runs/proposals --output runs/deop --unseen "cow,tree"
-
-    ovs-train sed --data DIR --model sed-convnext-b \
-        --clip convnext_base_w_320/laion_aesthetic_s13b_b82k --output runs/sed --unseen "cow,tree"
+    ovs-train sed       --data DIR --model sed-convnext-b \
+                        --clip convnext_base_w_320/laion_aesthetic_s13b_b82k --output runs/sed
+    ovs-train gkc       --data DIR --model gkc-clip-rn50 --clip RN50/openai --teacher RN50/openai \
+                        --scorer ViT-B-32/openai --wordnet --output runs/gkc
 
 Every stage ends with ``--output`` holding ``config.json`` + ``model.safetensors`` (load
 it with ``Segmenter.from_pretrained`` or pass it as the next stage's ``--model``), the
@@ -30,7 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,  # plain help: wraps long paths instead of cropping them
     context_settings={"max_content_width": 120},
-    help="Train DeOP's stages (prompt -> proposals -> deop) or SED (sed) on your own data.",
+    help="Train DeOP's stages (prompt -> proposals -> deop), SED (sed) or GKC (gkc) on your own data.",
 )
 
 # -- options shared by every stage (typer reads these defaults per command) --------------
@@ -41,9 +42,8 @@ COCO = typer.Option(None, "--coco-stuff", help="COCO-Stuff-164k root (instead of
 SPLIT = typer.Option("train2017", "--split", help="COCO-Stuff split with --coco-stuff.")
 MODEL = typer.Option(
     ..., "--model", "-m",
-    help="Start from: a preset (deop-tiny, deop-vit-b16, sed-tiny, sed-convnext-b: random "
-    "init), a saved folder, "
-    "'demo' or 'hf-hub:org/repo'.",
+    help="Start from: a preset (deop-tiny, deop-vit-b16, sed-tiny, sed-convnext-b, gkc-tiny, "
+    "gkc-clip-rn50: random init), a saved folder, 'demo' or 'hf-hub:org/repo'.",
 )  # fmt: skip
 CLIP = typer.Option(
     None,
@@ -94,6 +94,13 @@ def run(stage: str, options: dict[str, Any], stage_options: dict[str, Any]) -> N
     dataset = open_dataset(
         options["data"], options["coco_stuff"], options["split"], parse_names(options["unseen"])
     )
+    if stage == "gkc":
+        try:
+            stage_options["synonym_sources"] = _synonym_sources(
+                dataset.classes, **stage_options.pop("synonym_spec")
+            )
+        except (DatasetError, ImportError, FileNotFoundError, ValueError) as err:
+            fail(str(err))
     segmenter = load_segmenter(options["model"], seed=options["seed"], device="cpu")
     if options["clip"]:
         try:
@@ -126,7 +133,8 @@ def run(stage: str, options: dict[str, Any], stage_options: dict[str, Any]) -> N
         fail(str(err))
 
     train = {"prompt": stages.train_prompt, "proposals": stages.train_proposals,
-             "deop": stages.train_deop, "sed": stages.train_sed}[stage]  # fmt: skip
+             "deop": stages.train_deop, "sed": stages.train_sed,
+             "gkc": stages.train_gkc}[stage]  # fmt: skip
     resume = "auto" if options["resume"] else False
     try:
         train(segmenter, dataset, config, resume=resume, **stage_options)
@@ -344,6 +352,127 @@ def sed(
         "config_overrides": {"lr_multipliers": {"clip_visual": options.pop("clip_lr_mult")}},
     }
     run("sed", options, stage_options)
+
+
+def _synonym_sources(
+    class_names: list[str],
+    *,
+    json_path: Path | None,
+    wordnet: bool,
+    wordnet_dir: Path | None,
+    shapes: bool,
+) -> list[dict[str, list[str]]]:
+    """The synonym sources named on the command line, in the order JSON, WordNet, shapes."""
+    from ..data.classes import class_synonyms
+    from ..data.synonyms import read_synonym_json, shapes_world_synonyms, wordnet_synonyms
+
+    sources = []
+    if json_path is not None:
+        sources.append(read_synonym_json(json_path))
+    if wordnet or wordnet_dir is not None:
+        names = [n for full in class_names for n in class_synonyms(full)]
+        sources.append(wordnet_synonyms(names, wordnet_dir))
+    if shapes:
+        sources.append(shapes_world_synonyms(class_names))
+    return sources
+
+
+@app.command()
+def gkc(
+    data: Path = DATA,
+    coco_stuff: Path = COCO,
+    split: str = SPLIT,
+    model: str = MODEL,
+    clip: str = CLIP,
+    output: Path = OUTPUT,
+    steps: int = STEPS,
+    batch_size: int = BATCH,
+    lr: float = LR,
+    weight_decay: float = WD,
+    grad_clip: float = CLIP_NORM,
+    warmup: int = WARMUP,
+    unseen: str = UNSEEN,
+    seed: int = SEED,
+    device: str = DEVICE,
+    amp: str = AMP,
+    grad_accum: int = ACCUM,
+    checkpoint_every: int = CKPT,
+    log_every: int = LOG,
+    resume: bool = RESUME,
+    workers: int = WORKERS,
+    progress: bool = PROGRESS,
+    crop_size: int = typer.Option(
+        None,
+        "--crop-size",
+        min=1,
+        help="Square crop side, a multiple of 32 (default: the model's short side, 512).",
+    ),
+    backbone_lr_mult: float = typer.Option(
+        0.1, "--backbone-lr-mult", min=0.0, help="lr multiplier of the backbone."
+    ),
+    teacher: str = typer.Option(
+        None,
+        "--teacher",
+        help="Distillation teacher CLIP, named as --clip (the paper's: RN50/openai) or "
+        "'demo' / a saved folder. Needed unless --no-distill.",
+    ),
+    scorer: str = typer.Option(
+        None,
+        "--scorer",
+        help="CLIP scoring the synonyms offline (the authors': ViT-B-32/openai); default the teacher.",
+    ),
+    synonyms_json: Path = typer.Option(
+        None, "--synonyms-json", help='Synonyms file: {"class": ["synonym", ...]}.'
+    ),
+    wordnet: bool = typer.Option(
+        False, "--wordnet", help="Add WordNet noun lemmas (needs nltk and a WordNet 3.0 database)."
+    ),
+    wordnet_dir: Path = typer.Option(
+        None, "--wordnet-dir", help="WordNet 3.0 database folder (implies --wordnet)."
+    ),
+    shapes_synonyms: bool = typer.Option(
+        False, "--shapes-synonyms", help="Add the built-in shapes-world synonyms."
+    ),
+    synonyms: bool = typer.Option(
+        True, "--synonyms/--no-synonyms", help="Text diversification (off: class names only)."
+    ),
+    distill: bool = typer.Option(
+        True, "--distill/--no-distill", help="Text-guided knowledge distillation."
+    ),
+    plain_loss: bool = typer.Option(
+        True, "--plain-loss/--no-plain-loss", help="Keep the plain class-name loss."
+    ),
+    cache_dir: Path = typer.Option(
+        None,
+        "--cache-dir",
+        help="Where synonym scores and teacher embeddings are cached (default OUTPUT/training).",
+    ),
+) -> None:
+    """Train GKC: Mask2Former + CLIP text classifier, synonyms and text-guided distillation.
+
+    Defaults: AdamW lr 1e-4, wd 0.05, poly 0.9, backbone lr x0.1, grad-norm clip 0.01,
+    50k steps, batch 16; crops from short side 0.8x..1.2x, flip. See docs/gkc.md.
+    """
+    options = dict(locals())
+    stage_options = {
+        "crop_size": options.pop("crop_size"),
+        "teacher": options.pop("teacher"),
+        "scorer": options.pop("scorer"),
+        "use_synonyms": options.pop("synonyms"),
+        "distill": options.pop("distill"),
+        "plain_loss": options.pop("plain_loss"),
+        "cache_dir": options.pop("cache_dir"),
+        "synonym_spec": {
+            "json_path": options.pop("synonyms_json"),
+            "wordnet": options.pop("wordnet"),
+            "wordnet_dir": options.pop("wordnet_dir"),
+            "shapes": options.pop("shapes_synonyms"),
+        },
+        "config_overrides": {"lr_multipliers": {"backbone": options.pop("backbone_lr_mult")}},
+    }
+    if stage_options["distill"] and stage_options["teacher"] is None:
+        fail("--teacher is needed for distillation (e.g. --teacher RN50/openai), or --no-distill")
+    run("gkc", options, stage_options)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -34,9 +34,9 @@ from ..trainer import Trainer
 
 logger = logging.getLogger("onepass_ovs.training")
 
-STAGES = ("prompt", "proposals", "deop", "sed")
+STAGES = ("prompt", "proposals", "deop", "sed", "gkc")
 RUN_DIR = "training"
-CLIP_FAMILIES = ("deop", "sed")  # families whose load_clip_weights takes an open_clip CLIP
+CLIP_FAMILIES = ("deop", "sed", "gkc")  # families whose load_clip_weights takes an open_clip CLIP
 STAGE_FILE = "stage.json"
 
 # The paper's recipes (docs/training.md). ``batch_size`` is per process: the paper's batch
@@ -61,6 +61,13 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 80_000, "batch_size": 4, "optimizer": "adamw", "lr": 2e-4,
         "weight_decay": 1e-4, "lr_schedule": "cosine", "grad_clip_norm": 0.01,
         "lr_multipliers": {"clip_visual": 0.01},
+    },
+    # GKC (Mask2Former's recipe): the released baseline config has lr 3e-4 at batch 112,
+    # 50k steps, steps down at 40k/45k; a poly schedule stands in for the steps
+    "gkc": {
+        "steps": 50_000, "batch_size": 16, "optimizer": "adamw", "lr": 1e-4,
+        "weight_decay": 0.05, "lr_schedule": "poly", "poly_power": 0.9,
+        "grad_clip_norm": 0.01, "lr_multipliers": {"backbone": 0.1},
     },
 }  # fmt: skip
 
@@ -199,7 +206,11 @@ def load_clip_weights(
             "--model instead of --clip"
         )
     clip_config = ClipConfig(model_name=spec, model_cfg=source.model_cfg)
-    theirs, ours = tower_kind(clip_config), tower_kind(model.config.clip)
+    try:
+        ours = tower_kind(model.config.clip)
+    except ValueError:  # no dense image tower (GKC keeps only a ResNet trunk): the model checks
+        ours = None
+    theirs = tower_kind(clip_config) if ours is not None else None
     if theirs != ours:
         raise ValueError(
             f"the CLIP {spec!r} has a {theirs!r} image tower but the "
@@ -288,12 +299,14 @@ def run_stage(
     sample_transform,
     resume: bool | str | os.PathLike,
     record: dict[str, Any],
+    loss_fn=None,
 ) -> Trainer:
-    """Train ``stage_model`` with the engine; its run goes to ``output_dir/training``."""
+    """Train ``stage_model`` with the engine; its run goes to ``output_dir/training``.
+    ``loss_fn`` defaults to :func:`stage_loss`."""
     run_config = dataclasses.replace(config, output_dir=str(Path(config.output_dir) / RUN_DIR))
     trainer = Trainer(
         stage_model,
-        stage_loss,
+        loss_fn if loss_fn is not None else stage_loss,
         dataset,
         run_config,
         collate_fn=collate,
