@@ -175,6 +175,7 @@ def build(
     seed: int = 0,
     ablations: bool = False,
     device: str = "cpu",
+    clip_num_workers: int = 0,
     progress: bool = True,
 ) -> dict:
     """Run the recipe; returns the summary (also written as ``summary.json``).
@@ -212,7 +213,7 @@ def build(
         pretrain_tiny_clip(
             clip_dir, steps=clip_steps, batch_size=clip_batch_size,
             full_res_batch_size=clip_full_res_batch_size, seed=seed, evaluate=False,
-            progress=progress, resume="auto", device=device,
+            progress=progress, resume="auto", device=device, num_workers=clip_num_workers,
         )
     else:
         print(f"[1/7] using the pretrained tiny CLIP in {clip_dir}", flush=True)
@@ -351,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clip-workers", type=int, default=0,
+                        help="loader processes rendering the tiny CLIP's scenes (GPU runs)")
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--quick", action="store_true",
                         help="tiny step and scene counts: an end-to-end smoke run")
@@ -367,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = build(
         args.output, clip_dir=args.clip, clip_lr_mult=args.clip_lr_mult or None,
         ablation_clip_lr_mult=args.ablation_clip_lr_mult, seed=args.seed,
-        ablations=args.ablations, device=args.device, progress=not args.no_progress, **sizes,
+        ablations=args.ablations, device=args.device, clip_num_workers=args.clip_workers,
+        progress=not args.no_progress, **sizes,
     )
     if args.install:
         print(f"installed as demo: {install(args.output / 'model')}")

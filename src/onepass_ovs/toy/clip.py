@@ -823,6 +823,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     model_cfg = tiny_clip_config(None if args.patchify else TINY_CLIP_CONV_STEM)
@@ -847,6 +848,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint_every=args.checkpoint_every,
         num_workers=args.num_workers,
         device=args.device,
+        progress=not args.no_progress,
     )
     print(json.dumps({"output_dir": str(result.output_dir), **result.summary()}, indent=2))
 
