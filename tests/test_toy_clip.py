@@ -245,7 +245,8 @@ def test_evaluation_counts_hits_against_an_independent_reference():
     torch.manual_seed(0)
     model = tiny_clip.build_tiny_clip().eval()
     tokenizer = tiny_clip._tokenizer(model)
-    text = tiny_clip.encode_class_prompts(model, tokenizer, scenes.CLASS_NAMES[1:])
+    names = [scenes.with_article(n) for n in scenes.CLASS_NAMES[1:]]
+    text = tiny_clip.encode_class_prompts(model, tokenizer, names, "a photo of {}.")
     target = scenes.class_id("orange star") - 1  # unseen
     model.encode_image = lambda pixels, normalize=True: text[target].expand(len(pixels), -1)
     metrics = tiny_clip.evaluate_tiny_clip(

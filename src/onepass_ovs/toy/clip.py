@@ -321,7 +321,8 @@ def evaluate_tiny_clip(
     """Measure what the downstream needs from the CLIP.
 
     - ``zero_shot_{seen,unseen}``: 30-way classification of single-object scenes against
-      ``"a photo of a {class}."`` (global image embedding).
+      ``"a photo of a {class}."`` ("an" before vowels, as in the captions; global image
+      embedding).
     - ``region_{seen,unseen}``: 30-way classification of each object in 2-4 object scenes
       from its mask-average-pooled patch features (weights = fraction of each patch
       covered by the object's visible pixels); ``region_severed_*`` does the same with
@@ -337,7 +338,10 @@ def evaluate_tiny_clip(
     if tokenizer is None:
         tokenizer = _tokenizer(model)
     object_names = list(scenes.CLASS_NAMES[1:])
-    text = encode_class_prompts(model, tokenizer, object_names).float().cpu()
+    # "a photo of an orange star.": the articles the captions use
+    text = encode_class_prompts(
+        model, tokenizer, [scenes.with_article(n) for n in object_names], "a photo of {}."
+    ).float().cpu()
     unseen = np.isin(np.arange(1, len(scenes.CLASS_NAMES)), [
         scenes.class_id(n) for n in scenes.UNSEEN_CLASSES
     ])
