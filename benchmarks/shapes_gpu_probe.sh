@@ -4,7 +4,7 @@
 #      evaluate_tiny_clip (zero-shot and region accuracy, seen / unseen, +- severance);
 #   2. the DeOP stage of the recipe on that CLIP (proposals 1000 steps, DeOP heads 800
 #      steps, CLIP frozen; default sizes), evaluated on 100 fresh scenes;
-#   3. benchmarks/shapes.py (DeOP, two-stream, training-free rows) on 100 fresh scenes.
+#   3. benchmarks/shapes.py (DeOP, two-stream, training-free rows) on 60 fresh scenes (CPU).
 # Every number is printed with its wall time; all outputs stay under $OUT (or ./runs).
 #
 #   bash benchmarks/shapes_gpu_probe.sh            # from the repository root
@@ -36,6 +36,6 @@ grep -v '^ *[{}"]' "$OUT/build.log" | head -n 40
 t2=$(stamp); report "DeOP stage (proposals 1000 + heads 800 steps, eval 100 scenes)" "$t1" "$t2"
 python -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps({'steps': {k: {x: v[x] for x in ('seconds','metrics','train') if x in v} for k, v in d['steps'].items()}, 'models': d['models']}, indent=1))" "$OUT/demo/summary.json"
 
-timeout 90 python benchmarks/shapes.py --model "$OUT/demo/model" --num 100 --threads 8 --markdown
-t3=$(stamp); report "benchmarks/shapes.py (100 scenes, CPU)" "$t2" "$t3"
+timeout 120 python benchmarks/shapes.py --model "$OUT/demo/model" --num 60 --threads 8 --markdown
+t3=$(stamp); report "benchmarks/shapes.py (60 scenes, CPU, 8 threads)" "$t2" "$t3"
 report "total" "$t0" "$t3"

@@ -218,7 +218,7 @@ def build(
     else:
         print(f"[1/7] using the pretrained tiny CLIP in {clip_dir}", flush=True)
     clip_train_seconds = time.perf_counter() - t
-    clip = load_tiny_clip(clip_dir)
+    clip = load_tiny_clip(clip_dir).to(device)
     clip_cfg = json.loads((Path(clip_dir) / "open_clip_config.json").read_text())["model_cfg"]
     t = time.perf_counter()
     clip_metrics = evaluate_tiny_clip(clip, **(clip_eval or {}))

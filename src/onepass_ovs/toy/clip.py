@@ -514,8 +514,8 @@ def _encode_image_windows(
     batch, _, h, w = x.shape
     x = x.flatten(2).transpose(1, 2)
     grid_w = visual.grid_size[1]
-    rows = offsets[:, 0, None, None] + torch.arange(h)[None, :, None]
-    cols = offsets[:, 1, None, None] + torch.arange(w)[None, None, :]
+    rows = offsets[:, 0, None, None] + torch.arange(h, device=offsets.device)[None, :, None]
+    cols = offsets[:, 1, None, None] + torch.arange(w, device=offsets.device)[None, None, :]
     table = visual.positional_embedding
     x = x + table[1 + (rows * grid_w + cols).flatten(1)].to(x.dtype)
     cls = (visual.class_embedding + table[0]).to(x.dtype).expand(batch, 1, -1)
