@@ -189,6 +189,25 @@ def test_conv_stem_replaces_the_patchify_conv_with_the_same_output_grid():
         ConvStem((8, 8), 32, 16)
 
 
+def test_conv_stem_can_travel_in_the_open_clip_model_config():
+    """An open_clip-style folder (e.g. the shapes world's tiny CLIP) carries its stem as
+    model_cfg["conv_stem"]; create_clip and the tower kinds read it from there too."""
+    from onepass_ovs.models.towers import ConvStem, conv_stem_of, tower_kind
+
+    carried = ClipConfig(model_name="custom", model_cfg={**TINY_CLIP_CFG, "conv_stem": [8, 8, 16, 16]})
+    assert conv_stem_of(carried) == (8, 8, 16, 16)
+    assert tower_kind(carried) == "vit-conv-stem"
+    model = create_clip(carried)
+    assert isinstance(model.visual.conv1, ConvStem)
+    assert carried.model_cfg["conv_stem"] == [8, 8, 16, 16]  # the config keeps it
+    both = ClipConfig(model_name="custom", model_cfg=dict(carried.model_cfg), conv_stem=(8, 8, 16, 16))
+    assert isinstance(create_clip(both).visual.conv1, ConvStem)
+    clash = ClipConfig(model_name="custom", model_cfg=dict(carried.model_cfg), conv_stem=(4, 4, 8, 8))
+    with pytest.raises(ValueError, match="disagrees"):
+        create_clip(clash)
+    assert conv_stem_of(ClipConfig(model_name="custom", model_cfg=dict(TINY_CLIP_CFG))) == ()
+
+
 def test_conv_stem_model_round_trips_and_slides(tmp_path):
     from onepass_ovs import Segmenter
 

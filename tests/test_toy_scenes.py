@@ -236,6 +236,47 @@ def test_captions_name_exactly_the_objects_present():
     assert len(openings) >= 5  # several templates, not one fixed sentence
 
 
+def test_captions_name_the_background_as_it_looks():
+    batch = render_scenes(6, 300, size=32, supersample=1)
+    with_background = [c for c in batch.captions if "background" in c]
+    # most captions name it (BACKGROUND_CAPTION_FRACTION = 0.6), in several templates
+    assert 0.45 < len(with_background) / len(batch.captions) < 0.75
+    words = {w for c in with_background for w in c.rstrip(".").split(" ")}
+    assert {"grey", "brown", "plain", "textured", "dark", "light"} <= words
+    assert len({c.split(" ")[0] for c in with_background}) >= 3
+    for scene in batch:
+        # the background's colour word follows its actual tint: brown has red > blue
+        caption = scene.caption
+        if " brown " in caption or " grey " in caption:
+            back = scene.label == 0
+            red, blue = (scene.image[..., k][back].astype(float).mean() for k in (0, 2))
+            if " brown " in caption:
+                assert red - blue > 18.5, caption
+            else:
+                assert red - blue < 21.5, caption
+        # the background's words are never one of the six object colours
+        words = caption.rstrip(".").split(" ")
+        if "background" in words:
+            end = words.index("background")
+            start = max(i for i in range(end) if words[i] in ("a", "an"))
+            assert not set(words[start:end]) & set(scenes.COLOURS), caption
+
+
+def test_captions_use_the_right_article():
+    rng = np.random.default_rng(1)
+    an_image = 0
+    for _ in range(200):
+        caption = scenes.make_caption(rng, ["orange star", "red circle", "blue cross"])
+        assert "an orange star" in caption and "a orange" not in caption, caption
+        assert "a red circle" in caption and "an red" not in caption, caption
+        an_image += caption.startswith("an image of")
+        assert "a image" not in caption
+    assert an_image > 0
+    assert scenes.with_article("orange square") == "an orange square"
+    assert scenes.with_article("yellow star") == "a yellow star"
+    assert scenes.describe_background(rng, scenes.BackgroundLook()).endswith("background")
+
+
 def test_caption_object_order_varies():
     rng = np.random.default_rng(0)
     captions = {scenes.make_caption(rng, ["red circle", "blue square"]) for _ in range(40)}

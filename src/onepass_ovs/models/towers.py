@@ -85,18 +85,33 @@ def create_clip(clip: ClipConfig) -> nn.Module:
 
     clip.model_cfg = resolve_open_clip_config(clip.model_name, clip.model_cfg)
     cfg = copy.deepcopy(clip.model_cfg)
+    stem = conv_stem_of(clip)
+    cfg.pop("conv_stem", None)
     text_cfg = cfg.get("text_cfg", {})
     if cfg.pop("custom_text", False) or "hf_model_name" in text_cfg:
         raise ValueError("CLIP models with a Hugging Face text tower are not supported yet")
     cfg.pop("multimodal_cfg", None)
     model = open_clip.CLIP(**cfg)
-    if clip.conv_stem:
+    if stem:
         visual = model.visual
         if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
             raise ValueError("conv_stem needs an open_clip ViT image tower")
         patch = visual.patch_size[0]
-        visual.conv1 = ConvStem(clip.conv_stem, visual.conv1.out_channels, patch)
+        visual.conv1 = ConvStem(stem, visual.conv1.out_channels, patch)
     return model
+
+
+def conv_stem_of(clip: ClipConfig) -> tuple[int, ...]:
+    """The conv stem's channel widths: ``clip.conv_stem``, or a ``"conv_stem"`` entry of
+    ``clip.model_cfg`` (how an open_clip-style folder, e.g. the shapes world's tiny CLIP,
+    carries its stem). Empty: open_clip's patchify conv. Both set and different: error."""
+    own = tuple(int(c) for c in clip.conv_stem or ())
+    carried = tuple(int(c) for c in (clip.model_cfg or {}).get("conv_stem") or ())
+    if own and carried and own != carried:
+        raise ValueError(
+            f"clip.conv_stem {list(own)} disagrees with model_cfg['conv_stem'] {list(carried)}"
+        )
+    return own or carried
 
 
 class ConvStem(nn.Module):
@@ -105,6 +120,11 @@ class ConvStem(nn.Module):
     ``len(channels)`` 3x3 stride-2 convs with BatchNorm + ReLU, then a 1x1 conv to the ViT
     width: (B, 3, H, W) -> (B, width, H / p, W / p) with p = 2 ** len(channels), the same
     output as the patchify conv it replaces.
+
+    BatchNorm normalises with its stored statistics even in train mode (``train()`` keeps
+    it in eval mode), so a CLIP frozen or fine-tuned at small batches inside a segmenter
+    keeps the statistics of its pretraining. Set ``batch_statistics = True`` for the
+    CLIP's own pretraining (batch statistics, running averages updated).
     """
 
     def __init__(self, channels: Sequence[int], width: int, patch: int):
@@ -127,6 +147,15 @@ class ConvStem(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Conv2d(cin, width, 1)
         self.out_channels = width
+        self.batch_statistics = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.batch_statistics:
+            for module in self.convs:
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+        return self
 
     @property
     def weight(self) -> torch.Tensor:
@@ -540,10 +569,10 @@ def _build_convnext(visual: nn.Module, clip: ClipConfig) -> DenseConvNeXt:
 
 
 register_tower_kind(
-    TowerKind("vit", lambda c: _is_open_clip_vit(c) and not c.conv_stem, _build_vit)
+    TowerKind("vit", lambda c: _is_open_clip_vit(c) and not conv_stem_of(c), _build_vit)
 )
 register_tower_kind(
-    TowerKind("vit-conv-stem", lambda c: _is_open_clip_vit(c) and bool(c.conv_stem), _build_vit)
+    TowerKind("vit-conv-stem", lambda c: _is_open_clip_vit(c) and bool(conv_stem_of(c)), _build_vit)
 )
 register_tower_kind(
     TowerKind(

@@ -1,16 +1,36 @@
-"""A tiny open_clip model for the shapes world, and its contrastive pretraining.
+"""A tiny CLIP for the shapes world, and its contrastive pretraining.
 
-The architecture is data (an open_clip model config registered under
-:data:`TINY_CLIP_NAME`), the model is built by ``open_clip.create_model``, the loss is
-``open_clip.ClipLoss`` and the output folder is open_clip's Hub layout
-(``open_clip_config.json`` + ``open_clip_model.safetensors``), so everything downstream
-treats the result like any other open_clip checkpoint::
+The architecture is data: an open_clip model config (:func:`tiny_clip_config`) whose
+ViT has a convolutional stem in place of the patchify conv (``"conv_stem"``: three 3x3
+stride-2 conv + BatchNorm + ReLU, 3 -> 32 -> 64 -> 128, then a 1x1 conv to the width;
+a tiny ViT learns shape far faster with it). :func:`onepass_ovs.models.towers.create_clip`
+builds it, the loss is ``open_clip.ClipLoss`` and the folder is open_clip's Hub layout
+(``open_clip_config.json`` + ``open_clip_model.safetensors``) whose ``model_cfg`` carries
+the stem, so every family loads it without code outside the library::
 
-    model = open_clip.create_model("local-dir:runs/tiny_clip")
-    tokenizer = open_clip.get_tokenizer("local-dir:runs/tiny_clip")
+    clip = load_tiny_clip("runs/tiny_clip")                 # an open_clip CLIP
+    seg = Segmenter.from_clip("runs/tiny_clip")             # the training-free family
+    ModelConfig(..., clip=ClipConfig(model_cfg=config["model_cfg"]))  # DeOP etc.
+
+(plain ``open_clip.create_model("local-dir:...")`` cannot build the stem and refuses it).
+
+Pretraining runs on the library's engine (:class:`~onepass_ovs.training.trainer.Trainer`:
+atomic checkpoints, exact resume, a JSONL log); its output folder::
+
+    open_clip_config.json, open_clip_model.safetensors   the CLIP (written at the end)
+    config.json, train_log.jsonl, checkpoints/           the engine's run folder
 
 The CLIP only ever sees image-level captions (``scenes.make_caption``); unseen classes
 are unseen only for segmentation training later, so they do appear here.
+
+Seed streams (``numpy.random.default_rng`` entropy lists; distinct first entries, so
+evaluation never sees a training scene):
+
+- pretraining scenes: ``[TRAIN_STREAM, seed, step, ...]`` (:func:`_training_batch`);
+- tiny-CLIP evaluation: ``[EVAL_STREAM, seed, 0]`` (single-object scenes) and
+  ``[EVAL_STREAM, seed, 1]`` (region scenes) (:func:`evaluate_tiny_clip`);
+- the DeOP recipe's segmentation scenes (``toy.build``) use ``render_scenes``' streams
+  ``[seed, i]`` with their own seeds (``TRAIN_SEED``, ``EVAL_SEED``).
 """
 
 from __future__ import annotations
@@ -36,28 +56,39 @@ from . import scenes
 
 __all__ = [
     "DEFAULT_PROMPT",
+    "EVAL_STREAM",
     "PretrainResult",
     "TINY_CLIP_CONFIG",
+    "TINY_CLIP_CONV_STEM",
     "TINY_CLIP_NAME",
     "TINY_CLIP_PREPROCESS",
+    "TRAIN_STREAM",
     "build_tiny_clip",
+    "dense_tower",
     "encode_class_prompts",
     "evaluate_tiny_clip",
+    "images_to_tensor",
     "load_tiny_clip",
     "patch_features",
     "pretrain_tiny_clip",
     "register_tiny_clip",
     "save_open_clip_folder",
-    "images_to_tensor",
+    "tiny_clip_config",
 ]
 
 logger = logging.getLogger(__name__)
 
 TINY_CLIP_NAME = "ovs-shapes-clip"
 
-#: open_clip model config. Patch 8 gives a 16 x 16 token grid on 128 px scenes; the text
-#: tower is narrow because its 49408-row token table (open_clip's standard BPE) dominates
-#: the parameter count.
+#: First entry of every pretraining scene's seed list (see the module docstring).
+TRAIN_STREAM = 0x5EED_0001
+#: First entry of every tiny-CLIP evaluation scene's seed list.
+EVAL_STREAM = 0x5EED_E7A1
+
+#: open_clip model config of the *patchify* tiny ViT (what open_clip itself can build and
+#: what is registered under :data:`TINY_CLIP_NAME`, e.g. for its tokenizer). Patch 8 gives
+#: a 16 x 16 token grid on 128 px scenes; the text tower is narrow because its 49408-row
+#: token table (open_clip's standard BPE) dominates the parameter count.
 TINY_CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
     "vision_cfg": {
@@ -80,6 +111,19 @@ TINY_CLIP_CONFIG: dict[str, Any] = {
     },
 }
 
+#: Channel widths of the convolutional stem's 3x3 stride-2 convs (patch 8 = 2 ** 3).
+TINY_CLIP_CONV_STEM: tuple[int, ...] = (32, 64, 128)
+
+
+def tiny_clip_config(conv_stem: tuple[int, ...] | None = TINY_CLIP_CONV_STEM) -> dict[str, Any]:
+    """The tiny CLIP's model config: :data:`TINY_CLIP_CONFIG` plus ``"conv_stem"``
+    (``None`` or ``()``: the patchify ViT), as stored in its folder."""
+    cfg = copy.deepcopy(TINY_CLIP_CONFIG)
+    if conv_stem:
+        cfg["conv_stem"] = [int(c) for c in conv_stem]
+    return cfg
+
+
 #: Preprocessing stored next to the weights (open_clip's ``preprocess_cfg``).
 TINY_CLIP_PREPROCESS: dict[str, Any] = {
     "mean": list(open_clip.OPENAI_DATASET_MEAN),
@@ -97,16 +141,17 @@ _CONFIG_DIR: tempfile.TemporaryDirectory | None = None
 def register_tiny_clip(
     model_cfg: dict[str, Any] | None = None, name: str = TINY_CLIP_NAME
 ) -> str:
-    """Register a model config with open_clip under ``name`` and return ``name``.
+    """Register an open_clip model config under ``name`` and return ``name``.
 
-    With the defaults this registers :data:`TINY_CLIP_CONFIG` as
-    :data:`TINY_CLIP_NAME`, after which ``open_clip.create_model("ovs-shapes-clip")`` and
-    ``open_clip.get_tokenizer("ovs-shapes-clip")`` work. The JSON is written to a
-    per-process temporary folder (removed at exit) because open_clip's registry reads
-    configs from files. Registering is idempotent.
+    With the defaults this registers :data:`TINY_CLIP_CONFIG` (the patchify ViT; a
+    ``"conv_stem"`` entry is left out, open_clip cannot build it) as
+    :data:`TINY_CLIP_NAME`, after which ``open_clip.get_tokenizer("ovs-shapes-clip")``
+    works. The JSON is written to a per-process temporary folder (removed at exit)
+    because open_clip's registry reads configs from files. Registering is idempotent.
     """
     global _CONFIG_DIR
-    model_cfg = TINY_CLIP_CONFIG if model_cfg is None else model_cfg
+    model_cfg = copy.deepcopy(TINY_CLIP_CONFIG if model_cfg is None else model_cfg)
+    model_cfg.pop("conv_stem", None)
     if open_clip.get_model_config(name) == model_cfg:
         return name
     if _CONFIG_DIR is None:
@@ -117,16 +162,22 @@ def register_tiny_clip(
     return name
 
 
-def build_tiny_clip(model_cfg: dict[str, Any] | None = None, **create_kwargs) -> open_clip.CLIP:
-    """A randomly initialised tiny CLIP, built by ``open_clip.create_model``.
+def _create(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None = None):
+    from ..config import ClipConfig
+    from ..models.towers import create_clip
 
-    A ``model_cfg`` other than :data:`TINY_CLIP_CONFIG` is registered as
-    ``"ovs-shapes-clip-variant"`` so that the standard name always means the standard
-    architecture.
-    """
-    is_default = model_cfg is None or model_cfg == TINY_CLIP_CONFIG
-    name = register_tiny_clip(model_cfg, TINY_CLIP_NAME if is_default else _VARIANT_NAME)
-    return open_clip.create_model(name, force_preprocess_cfg=TINY_CLIP_PREPROCESS, **create_kwargs)
+    model = create_clip(ClipConfig(model_name=TINY_CLIP_NAME, model_cfg=copy.deepcopy(model_cfg)))
+    preprocess = TINY_CLIP_PREPROCESS if preprocess_cfg is None else preprocess_cfg
+    # what open_clip.create_model records for its transforms; images_to_tensor reads them
+    model.visual.image_mean = tuple(preprocess.get("mean", TINY_CLIP_PREPROCESS["mean"]))
+    model.visual.image_std = tuple(preprocess.get("std", TINY_CLIP_PREPROCESS["std"]))
+    return model
+
+
+def build_tiny_clip(model_cfg: dict[str, Any] | None = None) -> open_clip.CLIP:
+    """A randomly initialised tiny CLIP (default :func:`tiny_clip_config`: conv stem),
+    built by :func:`onepass_ovs.models.towers.create_clip`, in train mode."""
+    return _create(tiny_clip_config() if model_cfg is None else model_cfg)
 
 
 def save_open_clip_folder(
@@ -165,12 +216,23 @@ def save_open_clip_folder(
 
 
 def load_tiny_clip(path: str | Path, image_size: int | None = None) -> open_clip.CLIP:
-    """Load a folder written by :func:`save_open_clip_folder` through open_clip's loader.
+    """Load a folder written by :func:`save_open_clip_folder` (safetensors + JSON; the
+    config's ``model_cfg`` may carry a ``"conv_stem"``), in eval mode.
 
     ``image_size`` rebuilds the vision tower for another input size; open_clip's loader
     then bicubically resizes the learned position table to the new grid.
     """
-    model = open_clip.create_model(f"local-dir:{Path(path).resolve()}", force_image_size=image_size)
+    from ..hub import OPEN_CLIP_WEIGHTS_NAME, resolve_clip
+    from ..models.towers import load_open_clip_weights
+
+    source = resolve_clip(f"local-dir:{Path(path).resolve()}")
+    model_cfg = copy.deepcopy(source.model_cfg)
+    if image_size is not None:
+        model_cfg["vision_cfg"]["image_size"] = int(image_size)
+    config = json.loads((Path(path) / "open_clip_config.json").read_text())
+    model = _create(model_cfg, config.get("preprocess_cfg"))
+    weights = source.weights if source.weights is not None else Path(path) / OPEN_CLIP_WEIGHTS_NAME
+    load_open_clip_weights(model, weights)
     return model.eval()
 
 
@@ -205,7 +267,16 @@ def encode_class_prompts(
 ) -> torch.Tensor:
     """L2-normalised text embeddings ``(K, D)`` of ``template.format(name)`` per class."""
     tokens = tokenizer([template.format(name) for name in class_names])
-    return model.encode_text(tokens, normalize=True)
+    return model.encode_text(tokens.to(model.logit_scale.device), normalize=True)
+
+
+def dense_tower(model: open_clip.CLIP, severance: str = "none", blocks=(-1,)):
+    """The library's dense ViT adapter (:class:`onepass_ovs.models.towers.DenseViT`) around
+    ``model.visual`` (modules shared, not copied): positions interpolated to any grid,
+    ``severance`` in ``blocks``."""
+    from ..models.towers import DenseViT
+
+    return DenseViT(model.visual, severance=severance, severance_blocks=blocks)
 
 
 @torch.no_grad()
@@ -214,32 +285,21 @@ def patch_features(
 ) -> torch.Tensor:
     """Dense CLIP features: patch tokens after ``ln_post`` and ``proj``, L2-normalised.
 
+    Runs the library's :class:`~onepass_ovs.models.towers.DenseViT` (any input size:
+    positions are interpolated bicubically).
+
     Args:
-        pixels: ``(B, 3, S, S)`` normalised images; ``S`` must match the model's grid.
+        pixels: ``(B, 3, H, W)`` normalised images, sides multiples of the patch.
         sever_last_block: replace the last block's attention by the identity (each token
             attends only to itself: ``out_proj(v_l)``), the "identity" patch severance a
             one-pass segmenter applies so that token features stay local.
 
     Returns:
-        ``(B, h, w, D)`` features on the ``h x w = S/patch`` grid.
+        ``(B, h, w, D)`` features on the ``h x w = H/patch x W/patch`` grid.
     """
-    visual = model.visual
-    x = visual._embeds(pixels)
-    blocks = visual.transformer.resblocks
-    last = len(blocks) - 1 if sever_last_block else len(blocks)
-    for block in blocks[:last]:
-        x = block(x)
-    if sever_last_block:
-        block = blocks[-1]
-        attn = block.attn
-        width = x.shape[-1]
-        y = block.ln_1(x)
-        value = F.linear(y, attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:])
-        x = x + block.ls_1(attn.out_proj(value))
-        x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    tokens = visual.ln_post(x[:, 1:]) @ visual.proj
-    h, w = visual.grid_size
-    return F.normalize(tokens, dim=-1).reshape(x.shape[0], h, w, -1)
+    tower = dense_tower(model, "identity" if sever_last_block else "none")
+    dense, (h, w) = tower(pixels)
+    return dense.reshape(pixels.shape[0], h, w, -1)
 
 
 # --------------------------------------------------------------------------------------
@@ -251,7 +311,7 @@ def evaluate_tiny_clip(
     model: open_clip.CLIP,
     tokenizer=None,
     *,
-    seed: int = 12345,
+    seed: int = 0,
     scenes_per_class: int = 20,
     num_region_scenes: int = 300,
     scene_size: int = scenes.REFERENCE_SIZE,
@@ -261,27 +321,34 @@ def evaluate_tiny_clip(
     """Measure what the downstream needs from the CLIP.
 
     - ``zero_shot_{seen,unseen}``: 30-way classification of single-object scenes against
-      ``"a photo of a {class}."`` (global image embedding).
+      ``"a photo of a {class}."`` ("an" before vowels, as in the captions; global image
+      embedding).
     - ``region_{seen,unseen}``: 30-way classification of each object in 2-4 object scenes
       from its mask-average-pooled patch features (weights = fraction of each patch
       covered by the object's visible pixels); ``region_severed_*`` does the same with
       the last block's attention replaced by the identity (see :func:`patch_features`).
 
     Scenes are rendered at ``scene_size`` and resized to ``image_size`` (default: the
-    model's input size). Seeds are fixed, so the numbers are reproducible.
+    model's input size). They come from the evaluation streams ``[EVAL_STREAM, seed, 0]``
+    and ``[EVAL_STREAM, seed, 1]``, which no pretraining stream shares (module docstring),
+    so the numbers are on fresh scenes and reproducible. BatchNorm runs in eval mode.
     """
     model.eval()
+    device = next(model.parameters()).device
     if tokenizer is None:
-        tokenizer = open_clip.get_tokenizer(TINY_CLIP_NAME, context_length=model.context_length)
+        tokenizer = _tokenizer(model)
     object_names = list(scenes.CLASS_NAMES[1:])
-    text = encode_class_prompts(model, tokenizer, object_names)
+    # "a photo of an orange star.": the articles the captions use
+    text = encode_class_prompts(
+        model, tokenizer, [scenes.with_article(n) for n in object_names], "a photo of {}."
+    ).float().cpu()
     unseen = np.isin(np.arange(1, len(scenes.CLASS_NAMES)), [
         scenes.class_id(n) for n in scenes.UNSEEN_CLASSES
     ])
     results: dict[str, float] = {}
 
     # (a) zero-shot on single-object scenes.
-    rng = np.random.default_rng([seed, 0])
+    rng = np.random.default_rng([EVAL_STREAM, seed, 0])
     targets = np.repeat(np.arange(len(object_names)), scenes_per_class)
     images = np.stack([
         scenes.render_scene(rng, scene_size, classes=[object_names[t]]).image for t in targets
@@ -289,14 +356,14 @@ def evaluate_tiny_clip(
     predictions = []
     for start in range(0, len(images), batch_size):
         pixels = images_to_tensor(images[start:start + batch_size], model, image_size)
-        feats = _encode_image(model, pixels)
+        feats = _encode_image(model, pixels.to(device)).float().cpu()
         predictions.append((feats @ text.T).argmax(dim=-1).numpy())
     correct = np.concatenate(predictions) == targets
     results["zero_shot_seen"] = float(correct[~unseen[targets]].mean())
     results["zero_shot_unseen"] = float(correct[unseen[targets]].mean())
 
     # (b) mask-average pooling of patch features in multi-object scenes.
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([EVAL_STREAM, seed, 1])
     region_scenes = [
         scenes.render_scene(rng, scene_size, num_objects=int(rng.integers(2, 5)))
         for _ in range(num_region_scenes)
@@ -306,7 +373,7 @@ def evaluate_tiny_clip(
         for start in range(0, len(region_scenes), batch_size):
             chunk = region_scenes[start:start + batch_size]
             pixels = images_to_tensor(np.stack([s.image for s in chunk]), model, image_size)
-            feats = _patch_features_any_size(model, pixels, severed)
+            feats = patch_features(model, pixels.to(device), severed).float().cpu()
             grid = feats.shape[1:3]
             for scene, feat in zip(chunk, feats, strict=True):
                 for obj in scene.objects:
@@ -325,56 +392,24 @@ def evaluate_tiny_clip(
 
 
 def _encode_image(model: open_clip.CLIP, pixels: torch.Tensor) -> torch.Tensor:
-    if pixels.shape[-1] == model.visual.image_size[0]:
+    """Normalised global embeddings (B, E) at any input size (``encode_image`` at the
+    model's own size; positions interpolated by the dense adapter otherwise)."""
+    if tuple(pixels.shape[-2:]) == tuple(model.visual.image_size):
         return model.encode_image(pixels, normalize=True)
-    with _resized_positions(model, pixels.shape[-1]):
-        return model.encode_image(pixels, normalize=True)
+    return F.normalize(dense_tower(model).global_embedding(pixels), dim=-1)
 
 
-def _patch_features_any_size(model, pixels, severed):
-    if pixels.shape[-1] == model.visual.image_size[0]:
-        return patch_features(model, pixels, severed)
-    with _resized_positions(model, pixels.shape[-1]):
-        return patch_features(model, pixels, severed)
+def _tokenizer(model: open_clip.CLIP):
+    from ..models.towers import create_tokenizer
 
-
-class _resized_positions:
-    """Temporarily run the vision tower at another square input size (bicubic positions)."""
-
-    def __init__(self, model: open_clip.CLIP, size: int):
-        self.visual = model.visual
-        self.size = size
-
-    def __enter__(self):
-        visual = self.visual
-        self.saved = (visual.positional_embedding, visual.grid_size, visual.image_size)
-        patch = visual.patch_size[0]
-        old_grid = visual.grid_size
-        new_grid = (self.size // patch, self.size // patch)
-        table = visual.positional_embedding.detach()
-        grid_table = table[1:].reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
-        grid_table = F.interpolate(
-            grid_table, size=new_grid, mode="bicubic", antialias=True, align_corners=False
-        )
-        grid_table = grid_table.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1)
-        visual.positional_embedding = torch.nn.Parameter(
-            torch.cat([table[:1], grid_table]), requires_grad=False
-        )
-        visual.grid_size = new_grid
-        visual.image_size = (self.size, self.size)
-        return self
-
-    def __exit__(self, *exc):
-        visual = self.visual
-        visual.positional_embedding, visual.grid_size, visual.image_size = self.saved
-        return False
+    return create_tokenizer({"text_cfg": {"context_length": model.context_length}})
 
 
 # --------------------------------------------------------------------------------------
 # Pretraining.
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def _param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
     # Same split as open_clip's trainer: no decay on gains, biases, 1-d embeddings, scale.
     def exclude(name: str, param: torch.Tensor) -> bool:
         return (
@@ -383,20 +418,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
         )
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [
-        {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-        {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay},
-    ]
-
-
-def _cosine_with_warmup(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+    groups = []
+    for decay in (False, True):
+        members = [(n, p) for n, p in named if exclude(n, p) != decay]
+        groups.append({
+            "params": [p for _, p in members],
+            "param_names": [n for n, _ in members],
+            "lr": lr,
+            "weight_decay": weight_decay if decay else 0.0,
+        })
+    return groups
 
 
 def _confusable_group(rng: np.random.Generator, group_size: int, num_objects: int):
@@ -439,13 +470,14 @@ def _training_batch(
     max_objects: int = scenes.MAX_OBJECTS,
     object_size: tuple[float, float] = scenes.OBJECT_SIZE_RANGE,
 ) -> tuple[np.ndarray, list[str]]:
-    """Fresh scenes for one step, a deterministic function of ``(seed, step)``.
+    """Fresh scenes for one step, a deterministic function of ``(seed, step)`` (streams
+    ``[TRAIN_STREAM, seed, step, ...]``).
 
     Returns ``(N, S, S, 3)`` uint8 images and their captions. Scenes come in groups of
     ``group_size`` confusable scenes (see :func:`_confusable_group`); a group has one
     object with probability ``single_object_fraction``, else 2 to ``max_objects``.
     """
-    rng = np.random.default_rng([seed, step])
+    rng = np.random.default_rng([TRAIN_STREAM, seed, step])
     class_lists: list[list[str]] = []
     while len(class_lists) < batch_size:
         single = rng.random() < single_object_fraction
@@ -455,7 +487,7 @@ def _training_batch(
     captions = []
     for k, classes in enumerate(class_lists[:batch_size]):
         scene = scenes.render_scene(
-            np.random.default_rng([seed, step, k]), image_size, classes=classes,
+            np.random.default_rng([TRAIN_STREAM, seed, step, k]), image_size, classes=classes,
             object_size=object_size,
         )
         images[k] = scene.image
@@ -482,8 +514,8 @@ def _encode_image_windows(
     batch, _, h, w = x.shape
     x = x.flatten(2).transpose(1, 2)
     grid_w = visual.grid_size[1]
-    rows = offsets[:, 0, None, None] + torch.arange(h)[None, :, None]
-    cols = offsets[:, 1, None, None] + torch.arange(w)[None, None, :]
+    rows = offsets[:, 0, None, None] + torch.arange(h, device=offsets.device)[None, :, None]
+    cols = offsets[:, 1, None, None] + torch.arange(w, device=offsets.device)[None, None, :]
     table = visual.positional_embedding
     x = x + table[1 + (rows * grid_w + cols).flatten(1)].to(x.dtype)
     cls = (visual.class_embedding + table[0]).to(x.dtype).expand(batch, 1, -1)
@@ -491,6 +523,89 @@ def _encode_image_windows(
     x = visual.transformer(x)
     pooled, _ = visual._pool(x)
     return pooled @ visual.proj
+
+
+class _PretrainSteps(torch.utils.data.Dataset):
+    """One item per optimizer step: the whole contrastive batch of that step.
+
+    The engine reads item ``order[k]`` at step ``k`` (its data order, a permutation of
+    ``range(steps)`` seeded by the run's seed, batch size 1); this dataset inverts that
+    order so that the item read at step ``k`` is step ``k``'s batch, which the
+    curriculum (crops first, single objects first) needs. The batch is a pure function
+    of ``(seed, step)``, so exact resume holds.
+
+    Item: ``{"pixels": (N, 3, S, S) float, "tokens": (N, context) long, "offsets":
+    (N, 2) long (crop phase; (0, 2) at full resolution)}``.
+    """
+
+    def __init__(self, *, steps: int, order_seed: int, plan: dict[str, Any], tokenizer):
+        from ..training.sampling import SampleOrder
+
+        order = SampleOrder(steps, seed=order_seed).epoch_shard(0)
+        self.step_of_index = [0] * steps
+        for step, index in enumerate(order):
+            self.step_of_index[index] = step
+        self.plan = plan
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.step_of_index)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        plan = self.plan
+        step = self.step_of_index[index]
+        seed, full_size, patch = plan["seed"], plan["full_size"], plan["patch"]
+        cropped = step < plan["crop_steps"]
+        single = 1.0 if step < plan["single_object_steps"] else plan["single_object_fraction"]
+        if cropped:
+            crop = plan["crop_size"]
+            images, captions = _training_batch(
+                seed, step, plan["batch_size"], crop, group_size=plan["group_size"],
+                single_object_fraction=single, max_objects=3,
+                object_size=tuple(b * full_size / crop for b in scenes.OBJECT_SIZE_RANGE),
+            )
+            max_offset = (full_size - crop) // patch
+            offsets = torch.from_numpy(
+                np.random.default_rng([TRAIN_STREAM, seed, step, 1]).integers(
+                    0, max_offset + 1, (len(images), 2)
+                )
+            )
+        else:
+            images, captions = _training_batch(
+                seed, step, plan["full_res_batch_size"], full_size,
+                group_size=plan["group_size"], single_object_fraction=single,
+            )
+            offsets = torch.zeros(0, 2, dtype=torch.long)
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        mean = torch.tensor(plan["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(plan["std"]).view(1, 3, 1, 1)
+        return {"pixels": (x - mean) / std, "tokens": self.tokenizer(captions), "offsets": offsets}
+
+
+def _only_item(items: list[Any]) -> Any:
+    return items[0]
+
+
+class _ClipLoss:
+    """``loss_fn(model, batch)`` for the engine: open_clip's contrastive loss."""
+
+    def __init__(self):
+        self.loss = open_clip.ClipLoss()
+
+    def __call__(self, model: open_clip.CLIP, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        with torch.no_grad():
+            # CLIP's cap on the temperature (logit scale <= 100), applied to the result of
+            # the previous update before it is used.
+            model.logit_scale.clamp_(0, math.log(100))
+        pixels, offsets = batch["pixels"], batch["offsets"]
+        if offsets.shape[0]:
+            image = F.normalize(_encode_image_windows(model, pixels, offsets), dim=-1)
+        else:
+            image = model.encode_image(pixels, normalize=True)
+        text = model.encode_text(batch["tokens"], normalize=True)
+        scale = model.logit_scale.exp()
+        loss = self.loss(image.float(), text.float(), scale.float())
+        return {"loss": loss, "logit_scale": scale.detach().float()}
 
 
 @dataclass
@@ -502,7 +617,8 @@ class PretrainResult:
     seconds: float
     seconds_per_step: float
     final_loss: float
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    eval_seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly numbers (everything but the model)."""
@@ -510,6 +626,7 @@ class PretrainResult:
             "seconds": round(self.seconds, 2),
             "seconds_per_step": round(self.seconds_per_step, 4),
             "final_loss": round(self.final_loss, 4),
+            "eval_seconds": round(self.eval_seconds, 2),
             "metrics": self.metrics,
         }
 
@@ -531,24 +648,31 @@ def pretrain_tiny_clip(
     single_object_fraction: float = 0.25,
     single_object_warmup: float = 0.3,
     bf16: bool = True,
-    num_threads: int | None = 2,
     evaluate: bool = True,
     progress: bool = True,
+    resume: bool | str = False,
+    checkpoint_every: int = 500,
+    log_every: int = 20,
+    num_workers: int = 0,
+    device: str | None = None,
 ) -> PretrainResult:
     """Contrastively pretrain the tiny CLIP on freshly rendered (scene, caption) pairs.
 
-    Each step renders new scenes (scene stream ``seed``), tokenises their image-level
-    captions and minimises ``open_clip.ClipLoss`` with AdamW and a warmup + cosine
-    schedule. Seeds fix the initialisation and the data, so a run is deterministic for
-    a given thread count.
+    Each step renders new scenes, tokenises their image-level captions and minimises
+    ``open_clip.ClipLoss`` with AdamW (betas 0.9/0.98, eps 1e-6; no decay on gains,
+    biases and the logit scale) and a linear warmup times cosine schedule, on the
+    library's engine (:class:`~onepass_ovs.training.trainer.Trainer`): checkpoints every
+    ``checkpoint_every`` steps, exact resume (``resume="auto"``), ``train_log.jsonl``.
+    Seeds fix the initialisation and the data; on a CPU a run is bit-exact for a given
+    thread count, resumed or not. The stem's BatchNorm trains in train mode; the model
+    returned (and evaluated) is in eval mode.
 
     Two phases share one schedule:
 
     1. Crops (the first ``1 - full_res_fraction`` of the steps): ``crop_size`` px scenes
        whose objects have their full-resolution pixel size, each placed at a random
        window of the position table (:func:`_encode_image_windows`). Patch tokens then
-       see objects at the scale of full-size scenes (a 20-56 px object spans 2.5-7
-       patches, enough for a ViT to learn shapes quickly) for a quarter of the cost.
+       see objects at the scale of full-size scenes for a quarter of the cost.
     2. Full resolution (the rest): whole scenes at the model's input size, so pooling
        and positions adapt to full images with 1-4 objects.
 
@@ -557,12 +681,13 @@ def pretrain_tiny_clip(
     apart by colour alone, and the CLIP would never learn shape.
 
     Args:
-        output_dir: folder that receives ``open_clip_config.json`` and
-            ``open_clip_model.safetensors`` (loadable with ``local-dir:``).
+        output_dir: the run folder; receives ``open_clip_config.json`` and
+            ``open_clip_model.safetensors`` (see :func:`load_tiny_clip`) at the end,
+            next to the engine's ``config.json``, ``train_log.jsonl``, ``checkpoints/``.
         steps: optimiser steps, both phases together.
         batch_size: scenes per crop-phase step (also the number of in-batch negatives).
-        seed: seeds torch and the scene stream.
-        model_cfg: open_clip model config (default :data:`TINY_CLIP_CONFIG`).
+        seed: seeds the initialisation, the engine and the scene stream.
+        model_cfg: model config (default :func:`tiny_clip_config`, with the conv stem).
         crop_size: crop side in px (a multiple of the patch size); ``None`` trains on
             full-resolution scenes only.
         full_res_fraction: share of the steps (the last ones) on full-resolution scenes.
@@ -570,84 +695,83 @@ def pretrain_tiny_clip(
         group_size: scenes per group of confusable scenes; 1 gives independent scenes.
         single_object_fraction: probability that a group holds single-object scenes.
         single_object_warmup: share of the steps (the first ones) that use only
-            single-object scenes, a curriculum: one object per caption first, so shapes
-            are learnt before compositions.
-        bf16: bfloat16 autocast for the forward pass (fast on CPUs with AVX512-BF16).
-        num_threads: ``torch.set_num_threads`` value (``None`` leaves it alone).
+            single-object scenes (a curriculum: shapes before compositions).
+        bf16: bfloat16 autocast for the forward pass.
         evaluate: run :func:`evaluate_tiny_clip` at the end and store the metrics.
+        resume: ``False`` (fresh; refuses a folder holding checkpoints), ``"auto"``
+            (continue from the newest checkpoint, fresh if none) or a checkpoint folder.
+        num_workers: loader processes rendering scenes (0 = in the training process).
+        device: ``None`` = CUDA when available, else CPU.
+
+    Global torch settings (thread counts) are left alone; set ``OMP_NUM_THREADS``.
 
     Returns:
         A :class:`PretrainResult` (the trained model, timings, final loss, metrics).
     """
-    from tqdm.auto import tqdm
+    from ..training.config import TrainConfig
+    from ..training.sampling import seed_everything
+    from ..training.trainer import LOG_NAME, Trainer
 
-    model_cfg = copy.deepcopy(TINY_CLIP_CONFIG if model_cfg is None else model_cfg)
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    torch.manual_seed(seed)
+    model_cfg = copy.deepcopy(tiny_clip_config() if model_cfg is None else model_cfg)
+    output_dir = Path(output_dir)
+    seed_everything(seed)
     model = build_tiny_clip(model_cfg)
-    model.train()
-    tokenizer = open_clip.get_tokenizer(TINY_CLIP_NAME, context_length=model.context_length)
+    stem = getattr(model.visual, "conv1", None)
+    if hasattr(stem, "batch_statistics"):
+        stem.batch_statistics = True  # BatchNorm in train mode while pretraining
+    tokenizer = _tokenizer(model)
     full_size = model.visual.image_size[0]
     patch = model.visual.patch_size[0]
     if crop_size is not None and (crop_size % patch or crop_size > full_size):
-        raise ValueError(f"crop_size must be a multiple of {patch} and <= {full_size}")
+        raise ValueError(f"crop_size must be a multiple of {patch} and <= {full_size}, got {crop_size}")
     crop_steps = 0 if crop_size is None else steps - int(round(full_res_fraction * steps))
-    loss_fn = open_clip.ClipLoss()
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6
-    )
     warmup = warmup_steps if warmup_steps is not None else max(1, steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(warmup, steps))
-    # Crops keep objects at their full-resolution pixel size.
-    crop_object_size = tuple(
-        bound * full_size / (crop_size or full_size) for bound in scenes.OBJECT_SIZE_RANGE
+    plan = {
+        "seed": seed,
+        "full_size": full_size,
+        "patch": patch,
+        "crop_size": crop_size,
+        "crop_steps": crop_steps,
+        "batch_size": batch_size,
+        "full_res_batch_size": full_res_batch_size,
+        "group_size": group_size,
+        "single_object_fraction": single_object_fraction,
+        "single_object_steps": int(single_object_warmup * steps),
+        "mean": list(model.visual.image_mean),
+        "std": list(model.visual.image_std),
+    }
+    config = TrainConfig(
+        steps=steps, batch_size=1, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98),
+        eps=1e-6, lr_schedule="cosine", warmup_steps=warmup,
+        amp="bf16" if bf16 else "none", log_every=log_every,
+        checkpoint_every=checkpoint_every, keep_checkpoints=2, seed=seed,
+        num_workers=num_workers, output_dir=str(output_dir), device=device,
+        progress_bar=progress,
     )
-
+    dataset = _PretrainSteps(steps=steps, order_seed=seed, plan=plan, tokenizer=tokenizer)
+    trainer = Trainer(
+        model, _ClipLoss(), dataset, config, collate_fn=_only_item,
+        param_groups=_param_groups(model, lr, weight_decay),
+    )
     start = time.perf_counter()
-    losses = []
-    bar = tqdm(range(steps), desc="tiny CLIP", disable=not progress)
-    for step in bar:
-        cropped = step < crop_steps
-        single_fraction = 1.0 if step < single_object_warmup * steps else single_object_fraction
-        if cropped:
-            images, captions = _training_batch(
-                seed, step, batch_size, crop_size, group_size=group_size,
-                single_object_fraction=single_fraction,
-                max_objects=3, object_size=crop_object_size,
-            )
-            max_offset = (full_size - crop_size) // patch
-            offsets = torch.from_numpy(
-                np.random.default_rng([seed, step, 1]).integers(0, max_offset + 1, (batch_size, 2))
-            )
-        else:
-            images, captions = _training_batch(
-                seed, step, full_res_batch_size, full_size, group_size=group_size,
-                single_object_fraction=single_fraction,
-            )
-        pixels = images_to_tensor(images, model, image_size=images.shape[1])
-        tokens = tokenizer(captions)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            if cropped:
-                image_features = F.normalize(_encode_image_windows(model, pixels, offsets), dim=-1)
-            else:
-                image_features = model.encode_image(pixels, normalize=True)
-            text_features = model.encode_text(tokens, normalize=True)
-            logit_scale = model.logit_scale.exp()
-            loss = loss_fn(image_features.float(), text_features.float(), logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            # CLIP's cap on the temperature: logit scale <= 100.
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-        if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", scale=f"{logit_scale.item():.1f}")
+    start_step = 0
+    if resume:
+        from ..training import checkpoints
+
+        existing = checkpoints.list_checkpoints(output_dir)
+        start_step = existing[-1][0] if existing else 0
+    model = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    if hasattr(stem, "batch_statistics"):
+        stem.batch_statistics = False  # stored statistics from now on, in any mode
     model.eval()
 
+    losses = [
+        json.loads(line)["loss"]
+        for line in (output_dir / LOG_NAME).read_text().splitlines() if line.strip()
+    ] if (output_dir / LOG_NAME).is_file() else []
     recipe = {
         "steps": steps,
         "batch_size": batch_size,
@@ -662,17 +786,20 @@ def pretrain_tiny_clip(
         "single_object_fraction": single_object_fraction,
         "single_object_warmup": single_object_warmup,
         "bf16": bf16,
-        "num_threads": num_threads,
+        "conv_stem": model_cfg.get("conv_stem", []),
     }
+    trained_steps = max(1, steps - start_step)
     result = PretrainResult(
         model=model,
-        output_dir=Path(output_dir),
+        output_dir=output_dir,
         seconds=seconds,
-        seconds_per_step=seconds / max(1, steps),
-        final_loss=float(np.mean(losses[-20:])) if losses else float("nan"),
+        seconds_per_step=seconds / trained_steps,
+        final_loss=float(np.mean(losses[-3:])) if losses else float("nan"),
     )
     if evaluate:
+        t = time.perf_counter()
         result.metrics = evaluate_tiny_clip(model, tokenizer)
+        result.eval_seconds = time.perf_counter() - t
     save_open_clip_folder(model, model_cfg, output_dir, extra={"recipe": recipe, **result.summary()})
     return result
 
@@ -680,7 +807,7 @@ def pretrain_tiny_clip(
 def main(argv: list[str] | None = None) -> None:
     """``python -m onepass_ovs.toy.clip --output DIR --steps N``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", required=True, help="folder for the open_clip checkpoint")
+    parser.add_argument("--output", required=True, help="run folder (the CLIP + the engine's files)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -689,15 +816,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full-res-fraction", type=float, default=0.1)
     parser.add_argument("--full-res-batch-size", type=int, default=64)
     parser.add_argument("--pool", choices=("tok", "avg"), default=None)
+    parser.add_argument("--patchify", action="store_true",
+                        help="open_clip's patchify conv instead of the conv stem")
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--single-object-fraction", type=float, default=0.25)
     parser.add_argument("--single-object-warmup", type=float, default=0.3)
     parser.add_argument("--fp32", action="store_true", help="no bfloat16 autocast")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--device", default=None)
     parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    model_cfg = copy.deepcopy(TINY_CLIP_CONFIG)
+    model_cfg = tiny_clip_config(None if args.patchify else TINY_CLIP_CONV_STEM)
     if args.pool:
         model_cfg["vision_cfg"]["pool_type"] = args.pool
     result = pretrain_tiny_clip(
@@ -714,8 +847,12 @@ def main(argv: list[str] | None = None) -> None:
         single_object_fraction=args.single_object_fraction,
         single_object_warmup=args.single_object_warmup,
         bf16=not args.fp32,
-        num_threads=args.threads,
         evaluate=not args.no_eval,
+        resume="auto" if args.resume else False,
+        checkpoint_every=args.checkpoint_every,
+        num_workers=args.num_workers,
+        device=args.device,
+        progress=not args.no_progress,
     )
     print(json.dumps({"output_dir": str(result.output_dir), **result.summary()}, indent=2))
 

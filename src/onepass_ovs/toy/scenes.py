@@ -31,10 +31,12 @@ __all__ = [
     "SEEN_CLASSES",
     "SHAPES",
     "UNSEEN_CLASSES",
+    "BackgroundLook",
     "Scene",
     "SceneBatch",
     "SceneObject",
     "class_id",
+    "describe_background",
     "make_caption",
     "make_object",
     "object_contains",
@@ -44,6 +46,7 @@ __all__ = [
     "shape_contains",
     "shape_vertices",
     "training_label",
+    "with_article",
 ]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -104,6 +107,17 @@ class SceneObject(NamedTuple):
     scale: float
     angle: float
     shape_param: float
+
+
+@dataclass(frozen=True)
+class BackgroundLook:
+    """How a scene's background looks, in caption words: ``colour`` "grey" or "brown"
+    (from its tint), ``tone`` "dark", "light" or "" (from its lightness), ``texture``
+    "textured" or "plain" (from the amplitude of its smooth variation)."""
+
+    colour: str = "grey"
+    tone: str = ""
+    texture: str = "plain"
 
 
 @dataclass
@@ -296,8 +310,11 @@ def _smooth_field(rng: np.random.Generator, size: int) -> np.ndarray:
     return interp @ coarse @ interp.T
 
 
-def _background(rng: np.random.Generator, size: int, noise: bool) -> np.ndarray:
-    """Low-saturation grey/brown texture ``(size, size, 3)`` float32 in [0, 255].
+def _background_and_look(
+    rng: np.random.Generator, size: int, noise: bool
+) -> tuple[np.ndarray, BackgroundLook]:
+    """Low-saturation grey/brown texture ``(size, size, 3)`` float32 in [0, 255], and how
+    it looks (for the caption).
 
     Chroma (max - min channel) stays below about 56 even with noise, while every
     jittered object colour has chroma of at least 90, so the background can never be
@@ -313,7 +330,12 @@ def _background(rng: np.random.Generator, size: int, noise: bool) -> np.ndarray:
         sigma = rng.uniform(0.0, 4.0)
         noise_field = rng.standard_normal(size=rgb.shape, dtype=np.float32)
         rgb = rgb + np.clip(noise_field * sigma, -8.0, 8.0)
-    return np.clip(rgb, 0.0, 255.0).astype(np.float32)
+    look = BackgroundLook(
+        colour="brown" if brown > 11.0 else "grey",
+        tone="dark" if lightness < 100.0 else ("light" if lightness > 160.0 else ""),
+        texture="textured" if amplitude > 22.0 else "plain",
+    )
+    return np.clip(rgb, 0.0, 255.0).astype(np.float32), look
 
 
 def make_object(
@@ -418,36 +440,76 @@ def _place_objects(
     return objects
 
 
-_TEMPLATES = (
-    "{}",
-    "a photo of {}",
-    "a picture of {}",
-    "an image of {}",
-    "there is {}",
-    "{} on a plain background",
-    "a rendering of {}",
-    "a scene with {}",
+#: Caption templates without the background: ``{objects}`` is the listed objects.
+_OBJECT_TEMPLATES = (
+    "{objects}",
+    "a photo of {objects}",
+    "a picture of {objects}",
+    "an image of {objects}",
+    "there is {objects}",
+    "a rendering of {objects}",
+    "a scene with {objects}",
 )
+#: Templates naming the background too: ``{background}`` is e.g. "a dark brown textured
+#: background" or "a plain background".
+_BACKGROUND_TEMPLATES = (
+    "{objects} on {background}",
+    "a photo of {objects} on {background}",
+    "a picture of {objects} in front of {background}",
+    "{objects} against {background}",
+    "there is {objects} on {background}",
+    "{background} with {objects}",
+    "an image of {objects} over {background}",
+)
+#: Probability that a caption names the background.
+BACKGROUND_CAPTION_FRACTION = 0.6
 
 
-def make_caption(rng: np.random.Generator, class_names: list[str]) -> str:
-    """An image-level caption naming each class in ``class_names`` once, in random order.
+def with_article(phrase: str) -> str:
+    """``phrase`` with its indefinite article: "an orange star", "a red circle"."""
+    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
-    Example: ``["red circle", "blue square"]`` -> ``"a photo of a blue square and a red circle."``
+
+def describe_background(rng: np.random.Generator, look: BackgroundLook | None = None) -> str:
+    """A noun phrase for the background, e.g. "a grey background", "a dark brown textured
+    background", "a plain background" (random subset of ``look``'s words, article
+    included). ``None`` describes it with no colour words."""
+    look = look or BackgroundLook()
+    words = []
+    if look.tone and rng.random() < 0.5:
+        words.append(look.tone)
+    if rng.random() < 0.7:
+        words.append(look.colour)
+    if rng.random() < 0.5:
+        words.append(look.texture)
+    return with_article(" ".join([*words, "background"]))
+
+
+def make_caption(
+    rng: np.random.Generator,
+    class_names: list[str],
+    background: BackgroundLook | None = None,
+) -> str:
+    """An image-level caption naming each class in ``class_names`` once, in random order,
+    and with probability :data:`BACKGROUND_CAPTION_FRACTION` the background.
+
+    Example: ``["red circle", "orange star"]`` -> ``"a photo of an orange star and a red
+    circle on a grey textured background."``. Articles follow the next word ("an orange",
+    "a red"). ``background`` (how it looks) picks the background's words; default a plain
+    grey one.
     """
     order = rng.permutation(len(class_names))
-    phrases = []
-    for index in order:
-        name = class_names[int(index)]
-        # Both articles appear before "orange" so either prompt style works downstream.
-        article = "an" if name.startswith("orange") and rng.random() < 0.5 else "a"
-        phrases.append(f"{article} {name}")
+    phrases = [with_article(class_names[int(index)]) for index in order]
     if len(phrases) == 1:
         listed = phrases[0]
     else:
         listed = ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
-    caption = template.format(listed)
+    if rng.random() < BACKGROUND_CAPTION_FRACTION:
+        template = _BACKGROUND_TEMPLATES[int(rng.integers(len(_BACKGROUND_TEMPLATES)))]
+        caption = template.format(objects=listed, background=describe_background(rng, background))
+    else:
+        template = _OBJECT_TEMPLATES[int(rng.integers(len(_OBJECT_TEMPLATES)))]
+        caption = template.format(objects=listed)
     return caption + "." if rng.random() < 0.5 else caption
 
 
@@ -526,10 +588,10 @@ def render_scene(
         ids = None
         if num_objects is None:
             num_objects = int(rng.integers(1, MAX_OBJECTS + 1))
-    background = _background(rng, size, noise)
+    background, look = _background_and_look(rng, size, noise)
     objects = _place_objects(rng, size, num_objects, ids, object_size)
     image, label = rasterize_objects(objects, size, background, supersample)
-    caption = make_caption(rng, [obj.class_name for obj in objects])
+    caption = make_caption(rng, [obj.class_name for obj in objects], look)
     return Scene(image, label, objects, caption)
 
 
