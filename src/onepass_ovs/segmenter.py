@@ -11,19 +11,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
+from .encoding import EncodedImage, EncodedPass, ImageEncoding, keep_for_decoding, presence_scores
 from .hub import CONFIG_NAME, WEIGHTS_NAME, load_weights, resolve_model_dir, save_weights
 from .images import Geometry, prepare, to_tensor
 from .models.interface import MaskClassifier
 from .models.registry import build_model, config_from_dict, load_config, preset_config
 from .painting import as_masks, paint_mask_scores
 from .result import UNKNOWN, SegmentationResult
-from .sliding import Windows, slide, window_layout
+from .sliding import (
+    Windows,
+    blend_windows,
+    slide,
+    window_chunks,
+    window_layout,
+    window_valid_sizes,
+)
 from .text import parse_vocabulary
 
 
@@ -209,7 +218,11 @@ class Segmenter:
 
         Args:
             images: a path, PIL image, numpy (H, W, 3) array, (3, H, W) tensor, or a list of
-                them / a (B, 3, H, W) tensor. See :mod:`onepass_ovs.images`.
+                them / a (B, 3, H, W) tensor. See :mod:`onepass_ovs.images`. Or an
+                :class:`~onepass_ovs.encoding.ImageEncoding` from :meth:`encode`: then only
+                the text and the cheap decoding run (``size``, ``sliding_window``,
+                ``batch_size`` and ``image_format`` were fixed by ``encode``; ``masks`` is
+                not supported), with results equal to segmenting the images.
             vocabulary: class names; ``"a, b"`` gives one class two synonyms.
             unknown_threshold: pixels whose best class probability is below it get -1 (or
                 the ``background`` class).
@@ -235,6 +248,16 @@ class Segmenter:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if unknown_threshold is not None and not 0.0 <= unknown_threshold <= 1.0:
             raise ValueError(f"unknown_threshold must be in [0, 1], got {unknown_threshold}")
+        if isinstance(images, ImageEncoding):
+            self._check_encoding(images, masks, size, sliding_window)
+            vocab = self._vocabulary_text(vocabulary, background)
+            results = [
+                SegmentationResult(
+                    scores, vocab.classes, geometry, unknown_threshold, vocab.unknown_label
+                )
+                for scores, geometry in self._decode(images, vocab)
+            ]
+            return results if images.many else results[0]
         classes = list(vocabulary) if not isinstance(vocabulary, str) else vocabulary
         synonyms = parse_vocabulary(classes)  # validate before any image work
         background_index = _background_index(classes, synonyms, background)
@@ -349,9 +372,176 @@ class Segmenter:
         scores = self.model.predict_scores(batch, text, sizes)
         return scores.float().cpu()
 
+    # -- encode once, decode any vocabulary -----------------------------------------------
+    @torch.inference_mode()
+    def encode(
+        self,
+        images,
+        *,
+        size=None,
+        sliding_window=None,
+        batch_size: int = 4,
+        image_format: str = "RGB",
+    ) -> ImageEncoding:
+        """The vocabulary-independent image pass of one image or a list / batch of them.
+
+        Returns an :class:`~onepass_ovs.encoding.ImageEncoding` (on this segmenter's device)
+        to pass to :meth:`segment` or :meth:`classify` with any vocabulary: each further
+        vocabulary costs only its text embeddings and the decoding, and gives the results
+        ``segment(images, vocabulary)`` gives. ``size``, ``sliding_window``, ``batch_size``
+        and ``image_format`` mean what they mean in :meth:`segment` and are fixed here.
+        Memory: the encodings of all the images are held (``emb.nbytes``).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        windows = window_layout(sliding_window, self.config.preprocess)
+        many = _is_batch(images)
+        inputs = list(images) if isinstance(images, (list, tuple)) else [images]
+        encoded: list[EncodedImage] = []
+        for start in range(0, len(inputs), batch_size):
+            chunk: list[torch.Tensor] = []
+            for item in inputs[start : start + batch_size]:
+                chunk.extend(to_tensor(item, image_format))
+            encoded.extend(self._encode_chunk(chunk, size, batch_size, windows))
+        return ImageEncoding(
+            encoded, many, self.config.family, self.config.name, id(self.model), self.device
+        )
+
+    def _encode_chunk(self, images, size, batch_size, windows) -> list[EncodedImage]:
+        """:meth:`_predict`'s passes, keeping the encodings instead of decoding them."""
+        prepared = [prepare(img, self.config.preprocess, size) for img in images]
+        out: list = [None] * len(prepared)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, (canvas, geometry) in enumerate(prepared):
+            if windows is not None and windows.needed(geometry.padded):
+                passes = []
+                for boxes in window_chunks(geometry, windows, batch_size):
+                    batch = torch.stack([canvas[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes])
+                    encoding = self.encode_batch(batch, window_valid_sizes(geometry, boxes))
+                    passes.append(EncodedPass(encoding, boxes))
+                out[index] = EncodedImage(geometry, passes, windows=windows)
+            else:
+                groups.setdefault(geometry.padded, []).append(index)
+        for indices in groups.values():
+            for start in range(0, len(indices), batch_size):
+                batch_ids = indices[start : start + batch_size]
+                batch = torch.stack([prepared[i][0] for i in batch_ids])
+                sizes = [prepared[i][1].resized for i in batch_ids]
+                shared = EncodedPass(self.encode_batch(batch, sizes))
+                for row, i in enumerate(batch_ids):
+                    out[i] = EncodedImage(prepared[i][1], [shared], row=row)
+        return out
+
+    @torch.inference_mode()
+    def encode_batch(self, batch: torch.Tensor, sizes) -> dict:
+        """(B, 3, Hp, Wp) padded [0, 1] images -> the model's encoding (on the device)."""
+        batch = batch.to(device=self.device, dtype=self.dtype)
+        return keep_for_decoding(self.model.encode_image(batch, sizes))
+
+    @torch.inference_mode()
+    def decode_batch(self, encoding: dict, text: torch.Tensor):
+        """An encoding + (K, E) text -> (B, K, h, w) scores on the CPU (tensor or lazy)."""
+        return self.model.decode_scores(encoding, text).float().cpu()
+
+    def _check_encoding(self, encoding: ImageEncoding, masks, size, sliding_window) -> None:
+        if encoding.model_id != id(self.model):
+            raise ValueError(
+                f"this ImageEncoding was made by another model ({encoding.family}/"
+                f"{encoding.model_name}); encode the images with this segmenter"
+            )
+        fixed = {"masks": masks, "size": size, "sliding_window": sliding_window}
+        given = [name for name, value in fixed.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} cannot be given with an ImageEncoding: size and "
+                "sliding_window are fixed by encode(); masks need segment(images, ...)"
+            )
+
+    def _vocabulary_text(self, vocabulary, background) -> _Vocabulary:
+        classes = list(vocabulary) if not isinstance(vocabulary, str) else vocabulary
+        synonyms = parse_vocabulary(classes)
+        background_index = _background_index(classes, synonyms, background)
+        entries, num_background = classes, 0
+        if background_index is not None:
+            entries = [c for i, c in enumerate(classes) if i != background_index]
+            entries += list(synonyms[background_index])
+            num_background = len(synonyms[background_index])
+        text = self.encode_text(entries).to(self.device)
+        unknown_label = UNKNOWN if background_index is None else background_index
+        return _Vocabulary(list(classes), text, background_index, num_background, unknown_label)
+
+    def _decode(self, encoding: ImageEncoding, vocab: _Vocabulary):
+        """Yield (scores (K, h, w), Geometry) per encoded image, in order."""
+        multiple = self.config.preprocess.pad_multiple
+        decoded: dict[int, object] = {}  # shared whole-image passes, decoded once
+        for image in encoding.images:
+            if image.windows is None:
+                shared = image.passes[0]
+                if id(shared) not in decoded:
+                    decoded[id(shared)] = self.decode_batch(shared.encoding, vocab.text)
+                scores = decoded[id(shared)][image.row]
+            else:
+                outputs = (
+                    (p.boxes, self.decode_batch(p.encoding, vocab.text)) for p in image.passes
+                )
+                scores = blend_windows(outputs, image.geometry, image.windows, multiple)
+            if vocab.background_index is not None:
+                scores = _merge_background(scores, vocab.background_index, vocab.num_background)
+            yield scores, image.geometry
+
+    @torch.inference_mode()
+    def classify(
+        self,
+        images,
+        vocabulary: Sequence[str],
+        *,
+        background: str | None = None,
+        **encode_kwargs,
+    ):
+        """Which classes are in the image: {class name: presence score}, highest first.
+
+        ``images``: an :class:`~onepass_ovs.encoding.ImageEncoding` from :meth:`encode`
+        (cheap: text + decoding only) or anything :meth:`encode` takes (encoded first, with
+        ``encode_kwargs``). Returns one dict per image (a list for a list of images).
+
+        The presence score of a class is the highest probability it reaches at any pixel of
+        the image (probabilities normalised over the vocabulary, taken at the model's output
+        resolution over the unpadded region): in [0, 1] (the top class at least 1/K), it says "some region looks most
+        like this class, this confidently", not how much of the image it covers (for that,
+        ``segment(...).fractions()``). ``background`` merges that entry's synonyms as in
+        :meth:`segment`.
+        """
+        if isinstance(images, ImageEncoding):
+            if encode_kwargs:
+                raise ValueError(
+                    f"{sorted(encode_kwargs)} cannot be given with an ImageEncoding"
+                )
+            encoding = images
+            self._check_encoding(encoding, None, None, None)
+        else:
+            encoding = self.encode(images, **encode_kwargs)
+        vocab = self._vocabulary_text(vocabulary, background)
+        out = []
+        for scores, geometry in self._decode(encoding, vocab):
+            presence = presence_scores(scores, geometry).tolist()
+            ranked = sorted(zip(vocab.classes, presence, strict=True), key=lambda kv: -kv[1])
+            out.append(dict(ranked))
+        return out if encoding.many else out[0]
+
     def __repr__(self) -> str:
         cfg = self.config
         return f"Segmenter(family={cfg.family!r}, name={cfg.name!r}, device={self.device})"
+
+
+@dataclass
+class _Vocabulary:
+    """A parsed vocabulary and its text embeddings (background synonyms last)."""
+
+    classes: list[str]
+    text: torch.Tensor
+    background_index: int | None
+    num_background: int
+    unknown_label: int
 
 
 def _background_index(classes: list[str], synonyms, background: str | None) -> int | None:
@@ -389,4 +579,4 @@ def _progress(total: int, progress: bool | None):
     return tqdm(total=total, desc="segment", unit="img")
 
 
-__all__ = ["Segmenter", "build_model", "Geometry"]
+__all__ = ["Segmenter", "build_model", "Geometry", "ImageEncoding"]
