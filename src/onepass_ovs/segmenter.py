@@ -170,13 +170,67 @@ class Segmenter:
         )
         return cls(model, device=device, dtype=dtype)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (nothing else) into ``directory``."""
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        *,
+        model_card: bool = False,
+        metrics: dict | None = None,
+        repo_id: str | None = None,
+        license: str | None = None,
+    ) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into ``directory``; with
+        ``model_card=True`` also a generated ``README.md`` (see
+        :func:`onepass_ovs.model_card.model_card`: ``metrics``, ``repo_id``, ``license``)."""
+        if not model_card and (metrics is not None or repo_id is not None or license is not None):
+            raise ValueError("metrics, repo_id and license go into the model card: pass model_card=True")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_NAME)
         save_weights(self.model, directory / WEIGHTS_NAME)
+        if model_card:
+            from .model_card import write_model_card
+
+            write_model_card(
+                directory, self.config, metrics=metrics, repo_id=repo_id, license=license
+            )
         return directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str = "Upload onepass_ovs model",
+        revision: str | None = None,
+        metrics: dict | None = None,
+        license: str | None = None,
+    ):
+        """Publish this model on the Hugging Face Hub as ``repo_id`` (``"org/name"``).
+
+        Uploads what :meth:`save_pretrained` writes (``config.json`` + ``model.safetensors``)
+        plus a generated ``README.md`` model card (family, loading snippet, vocabulary
+        protocol, preprocessing, and ``metrics`` if given, e.g. ``{"ADE20K-150": {"mIoU":
+        29.1}}``), in one commit. The repo is created if missing (``private`` applies
+        then); ``revision`` names a branch, created from main if missing. ``token``: a Hub
+        token (default: the logged-in one). Load it back with
+        ``Segmenter.from_pretrained("hf-hub:<repo_id>")``. Returns huggingface_hub's
+        ``CommitInfo``.
+        """
+        import tempfile
+
+        from .hub import upload_model_folder
+
+        repo_id = repo_id[len("hf-hub:") :] if repo_id.startswith("hf-hub:") else repo_id
+        with tempfile.TemporaryDirectory(prefix="onepass_push_") as folder:
+            self.save_pretrained(
+                folder, model_card=True, metrics=metrics, repo_id=repo_id, license=license
+            )
+            return upload_model_folder(
+                folder, repo_id, private=private, token=token,
+                commit_message=commit_message, revision=revision,
+            )
 
     def to(self, device=None, dtype=None) -> Segmenter:
         if device is not None:
