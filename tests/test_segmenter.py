@@ -62,16 +62,42 @@ def test_big_vocabulary(tiny_segmenter, rgb_image):
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "I;16", "LA", "I", "F"])
 def test_pil_modes(tiny_segmenter, mode, rng):
+    """Every PIL mode becomes the RGB image it shows (alpha composited on white, high bit
+    depths rescaled), and is segmented exactly as that RGB array."""
+    from onepass_ovs.images import to_tensor
+
     arr = (rng.random((33, 47, 3)) * 255).astype(np.uint8)
     img = Image.fromarray(arr, "RGB")
     if mode == "I;16":
-        img = Image.fromarray((rng.random((33, 47)) * 65535).astype(np.uint16))
+        raw = (rng.random((33, 47)) * 65535).astype(np.uint16)
+        img = Image.fromarray(raw)
+        grey = np.round(raw / 65535.0 * 255.0)
+        expected = np.repeat(grey[..., None], 3, -1)
     elif mode == "F":
-        img = Image.fromarray(rng.random((33, 47)).astype(np.float32), "F")
+        raw = rng.random((33, 47)).astype(np.float32)
+        img = Image.fromarray(raw, "F")
+        expected = np.repeat(np.round(raw * 255.0)[..., None], 3, -1)
+    elif mode == "I":
+        raw = (rng.random((33, 47)) * 1000).astype(np.int32)
+        img = Image.fromarray(raw, "I")
+        grey = np.round(raw / raw.max() * 255.0)
+        expected = np.repeat(grey[..., None], 3, -1)
     else:
-        img = img.convert(mode)
+        if mode in ("RGBA", "LA"):
+            alpha = (rng.random((33, 47)) * 255).astype(np.uint8)
+            rgba = np.concatenate([arr, alpha[..., None]], -1)
+            img = Image.fromarray(rgba, "RGBA").convert(mode)
+        else:
+            img = img.convert(mode)
+        shown = np.asarray(img.convert("RGBA")).astype(np.float64)
+        a = shown[..., 3:] / 255.0
+        expected = np.round(shown[..., :3] * a + 255.0 * (1 - a))  # on white
+    got = to_tensor(img)[0].permute(1, 2, 0).numpy() * 255.0
+    np.testing.assert_allclose(got, expected, atol=1.01)  # rounding of the composite
     res = tiny_segmenter.segment(img, VOCAB)
     assert res.label_map.shape == (33, 47)
+    ref = tiny_segmenter.segment(np.round(got).astype(np.uint8), VOCAB)
+    np.testing.assert_array_equal(res.label_map, ref.label_map)
 
 
 def test_exif_orientation_applied(tiny_segmenter, rng, tmp_path):
@@ -181,11 +207,12 @@ def test_result_png_masks_overlay_save(tiny_segmenter, rgb_image, tmp_path):
     assert set(masks) == {VOCAB[i] for i in np.unique(res.label_map) if i >= 0}
     for name, mask in masks.items():
         np.testing.assert_array_equal(mask, res.label_map == VOCAB.index(name))
-    over = res.overlay(rgb_image, alpha=1.0)
+    over = res.overlay(rgb_image, alpha=1.0, legend=False)
     over_arr = np.asarray(over)
-    known = res.label_map >= 0
+    # "background" (a class of VOCAB) and unknown pixels stay unpainted
+    known = (res.label_map >= 0) & (res.label_map != VOCAB.index("background"))
     np.testing.assert_array_equal(over_arr[known], res.colour_map()[known])
     np.testing.assert_array_equal(over_arr[~known], rgb_image[~known])
-    np.testing.assert_array_equal(np.asarray(res.overlay(rgb_image, alpha=0.0)), rgb_image)
+    np.testing.assert_array_equal(np.asarray(res.overlay(rgb_image, alpha=0.0, legend=False)), rgb_image)
     with pytest.raises(ValueError, match="segmented image"):
         res.overlay(rgb_image[:10])

@@ -103,7 +103,7 @@ def test_train_eval_segment_round_trip(data_root, tmp_path):
     result = ok(runner.invoke(segment_app, [str(image), "--classes", *helpers.CLASSES,
                                             "--model", str(deop), "--output-dir",
                                             str(tmp_path / "seg"), "--json"]))  # fmt: skip
-    assert set(json.loads(result.stdout)["classes"]) <= set(helpers.CLASSES)
+    assert set(json.loads(result.stdout)[0]["classes"]) <= set(helpers.CLASSES)  # a list
     assert (tmp_path / "seg" / "img000_labels.png").is_file()
 
 

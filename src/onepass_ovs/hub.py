@@ -105,8 +105,9 @@ def download_files(
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
             where = cache_dir or "the default Hugging Face cache"
             raise ModelNotAvailableError(
-                f"model {name!r} ({filename}) is not in {where} and downloads are "
-                + ("disabled (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "failed")
+                f"model {name!r} ({filename}) is not in {where} and "
+                + ("downloads are disabled (HF_HUB_OFFLINE=1 or local_files_only=True)"
+                   if offline else "the download failed")
                 + ". Download it once with network access, pass a local folder, or use the "
                 "offline 'demo' model."
             ) from err
@@ -161,13 +162,33 @@ def resolve_model_dir(
     )
 
 
+# Attribute set on a model by load_weights: {state key: dtype in the file}.
+_STORED_DTYPES = "_onepass_stored_dtypes"
+
+
 def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write the model's state dict as safetensors (atomically)."""
+    """Write the model's state dict as safetensors (atomically).
+
+    Each tensor keeps its dtype, except weights that :func:`load_weights` read from a
+    narrower dtype (an fp16 file run in fp32): they are written back in it when the cast is
+    exact, so a loaded-and-saved model keeps its file size.
+    """
     from safetensors.torch import save_file
 
     from . import __version__
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    stored = getattr(model, _STORED_DTYPES, {})
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().contiguous().cpu()
+        # weights loaded from a narrower dtype (fp16 files run in fp32) go back to it when
+        # that is exact: saving does not double the file; changed weights stay as they are
+        narrow = stored.get(key)
+        if narrow is not None and narrow != value.dtype and value.is_floating_point():
+            cast = value.to(narrow)
+            if torch.equal(cast.to(value.dtype), value):
+                value = cast
+        state[key] = value
     meta = {"format": "pt", "library": "onepass_ovs", "version": __version__}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     path = Path(path)
@@ -194,6 +215,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
             f"{len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
+    setattr(model, _STORED_DTYPES, {k: t.dtype for k, t in state.items() if t.is_floating_point()})
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
             raise ValueError(

@@ -27,6 +27,11 @@ from .config import PreprocessConfig
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
+class ImageTooLargeError(ValueError):
+    """An image file with more pixels than Pillow's decompression-bomb limit allows
+    (``PIL.Image.MAX_IMAGE_PIXELS``; raise it, or set it to None, for trusted files)."""
+
+
 def load_image(path: str | Path):
     """Open an image file as an RGB PIL image; errors name the file."""
     from PIL import Image, UnidentifiedImageError
@@ -40,6 +45,11 @@ def load_image(path: str | Path):
         with Image.open(path) as img:
             img.load()
             return pil_to_rgb(img)
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(
+            f"image {path} is too large to open safely (a decompression bomb?): {err} "
+            f"For a trusted file raise PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS})."
+        ) from err
     except UnidentifiedImageError as err:
         raise ValueError(f"not an image file (or an unsupported format): {path}") from err
     except (OSError, SyntaxError, ValueError) as err:
@@ -69,7 +79,42 @@ def pil_to_rgb(img):
 
 
 def to_tensor(image, image_format: str = "RGB") -> list[torch.Tensor]:
-    """Coerce one image (or a batch tensor) -> list of (3, H, W) float32 RGB in [0, 1]."""
+    """Coerce one image (or a batch tensor) -> list of (3, H, W) float32 RGB in [0, 1].
+
+    Raises ``ValueError`` for an image without pixels (H or W is 0).
+    """
+    tensors = _to_tensor(image, image_format)
+    for t in tensors:
+        if t.shape[-2] == 0 or t.shape[-1] == 0:
+            raise ValueError(
+                f"image has no pixels: {t.shape[-2]} x {t.shape[-1]} (height x width)"
+            )
+    return tensors
+
+
+def to_tensors(images, image_format: str = "RGB", first_index: int | None = 0) -> list[torch.Tensor]:
+    """:func:`to_tensor` over a list of images; an error names the bad item.
+
+    ``first_index``: the list position of ``images[0]`` in the caller's list (errors say
+    "image 3: ..."); None for a single image (errors unchanged).
+    """
+    out: list[torch.Tensor] = []
+    for offset, image in enumerate(images):
+        try:
+            out.extend(to_tensor(image, image_format))
+        except (TypeError, ValueError, OSError) as err:
+            if first_index is None:
+                raise
+            message = f"image {first_index + offset} of the list: {err}"
+            try:
+                named = type(err)(message)
+            except Exception:  # an exception type with another signature
+                named = ValueError(message)
+            raise named from err
+    return out
+
+
+def _to_tensor(image, image_format: str) -> list[torch.Tensor]:
     if image_format not in ("RGB", "BGR"):
         raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
     bgr = image_format == "BGR"
@@ -121,7 +166,10 @@ def _array_to_tensor(arr: np.ndarray) -> torch.Tensor:
     arr = arr[..., :3]
     if arr.dtype not in (np.uint8,) and not np.issubdtype(arr.dtype, np.floating):
         raise TypeError(f"numpy images must be uint8 or float in [0, 1], got {arr.dtype}")
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # e.g. np.asarray(PIL image): torch warns on read-only memory
+        arr = arr.copy()
+    t = torch.from_numpy(arr).permute(2, 0, 1)
     return _as_unit_float(t, "numpy image")
 
 

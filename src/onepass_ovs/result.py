@@ -15,6 +15,12 @@ UNKNOWN = -1
 _EPS = 1e-8
 _CLASS_CHUNK = 64  # classes resized at once: bounds memory for huge vocabularies
 _BAND_BYTES = 32 * 2**20  # rows of the full-size maps made at once: bounds memory for huge images
+_PRUNE_MIN_CLASSES = 2  # label maps of fewer classes upsample every class
+_MERGE_ROWS = 24  # output rows labelled together (their candidate classes merged)
+_PRUNE_BYTES = 16 * 2**20  # low-resolution window max/min computed this many bytes at a time
+# Relative slack on the "can this class win" bound: the blended scores are float32 sums
+# whose rounding can stray a few ulps beyond the exact convex combination.
+_PRUNE_MARGIN = 1e-4
 
 
 def palette(num_colours: int = 256) -> np.ndarray:
@@ -33,6 +39,52 @@ def palette(num_colours: int = 256) -> np.ndarray:
     return colours.astype(np.uint8)
 
 
+def _name_key(name: str) -> str:
+    import unicodedata
+
+    return unicodedata.normalize("NFC", " ".join(name.split())).lower()
+
+
+def _hue_of(name: str) -> float:
+    import hashlib
+
+    digest = hashlib.blake2b(_name_key(name).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+_MIN_HUE_GAP = 0.06  # hues closer than this (of a turn) are nudged apart
+
+
+def class_colours(classes) -> np.ndarray:
+    """(K, 3) uint8 colours for class names: each from a hash of its name, not its index.
+
+    A class keeps its colour whatever the vocabulary's order. Hues come from the name;
+    when two names of the vocabulary land on nearly the same hue, the later one in sorted
+    name order is nudged by the golden angle (so the result depends on the set of names,
+    never their order). Colours are saturated and bright; black is kept for "unknown".
+    """
+    import colorsys
+
+    names = list(classes)
+    order = sorted(range(len(names)), key=lambda i: (_name_key(names[i]), names[i]))
+    hues: list[float] = []
+    out = np.zeros((len(names), 3), dtype=np.uint8)
+    for i in order:
+        hue = _hue_of(names[i])
+        for _ in range(16):  # few tries: with many classes hues must crowd anyway
+            if all(min(abs(hue - h), 1 - abs(hue - h)) >= _MIN_HUE_GAP for h in hues):
+                break
+            hue = (hue + 0.381966) % 1.0
+        hues.append(hue)
+        # saturation / value vary a little with the name too, for more distinct colours
+        shade = int(_hue_of("shade:" + names[i]) * 4)
+        saturation = (0.95, 0.8, 0.65, 0.9)[shade]
+        value = (0.95, 0.85, 1.0, 0.75)[shade]
+        rgb = colorsys.hsv_to_rgb(hue, saturation, value)
+        out[i] = [round(c * 255) for c in rgb]
+    return out
+
+
 def upsample_scores(scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """(C, h, w) scores on the padded canvas -> (C, H0, W0) on the original image.
 
@@ -49,36 +101,53 @@ def upsample_scores(scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     return x[0]
 
 
-def _linear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices (i0, i1) and weight of i1 for 1-D linear resizing, align_corners=False
-    (the sampling of ``F.interpolate(mode="bilinear")``)."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+def _linear_taps(n_in: int, n_out: int):
+    """Source indices (i0, i1), weight of i1 and a "clamped at the start" flag for 1-D
+    linear resizing, align_corners=False (the sampling of ``F.interpolate(mode="bilinear")``)."""
+    raw = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = raw.clamp_min(0)
     i0 = src.floor().long().clamp_max(n_in - 1)
     i1 = (i0 + 1).clamp_max(n_in - 1)
-    return i0, i1, src - i0
+    return i0, i1, src - i0, raw < 0
 
 
 def _axis_taps(n_in: int, n_pad: int, n_valid: int, n_out: int):
     """One axis of :func:`upsample_scores` as 4 taps per output cell.
 
     Resize n_in -> n_pad, keep the first n_valid, resize n_valid -> n_out. Returns indices
-    into the n_in input cells (n_out, 4) and their weights (n_out, 4).
+    into the n_in input cells (n_out, 4), their weights (n_out, 4), and a piece key
+    (n_out, 3): along a run of equal keys the 4 indices are fixed and the weights are
+    affine in the output position (so a blended score is linear along the run).
     """
     if n_in != n_pad:
-        a0, a1, wa = _linear_taps(n_in, n_pad)
+        a0, a1, wa, clamped_a = _linear_taps(n_in, n_pad)
     else:
         a0 = a1 = torch.arange(n_in)
         wa = torch.zeros(n_in, dtype=torch.float64)
+        clamped_a = torch.zeros(n_in, dtype=torch.bool)
     if n_valid != n_out:
-        b0, b1, wb = _linear_taps(n_valid, n_out)
+        b0, b1, wb, clamped_b = _linear_taps(n_valid, n_out)
+        # the first-stage weights at b0, b1 are constants: only wb varies (affinely)
+        key = torch.stack([b0, b1, clamped_b.long()], 1)
     else:
         b0 = b1 = torch.arange(n_out)
         wb = torch.zeros(n_out, dtype=torch.float64)
+        key = torch.stack([a0[b0], a1[b0], clamped_a[b0].long()], 1)
     index = torch.stack([a0[b0], a1[b0], a0[b1], a1[b1]], 1)
     weight = torch.stack(
         [(1 - wa[b0]) * (1 - wb), wa[b0] * (1 - wb), (1 - wa[b1]) * wb, wa[b1] * wb], 1
     )
-    return index, weight.float()
+    return index, weight.float(), key
+
+
+def _runs(key: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, stop) runs of consecutive equal rows of ``key`` (n, m)."""
+    n = key.shape[0]
+    if n == 0:
+        return []
+    change = (key[1:] != key[:-1]).any(1).nonzero()[:, 0] + 1
+    starts = [0, *change.tolist()]
+    return list(zip(starts, [*starts[1:], n], strict=True))
 
 
 class _RowUpsampler:
@@ -92,22 +161,76 @@ class _RowUpsampler:
         (h, w), (hp, wp), (h1, w1), (h0, w0) = (
             shape, geometry.padded, geometry.resized, geometry.original
         )
-        self.rows_index, self.rows_weight = _axis_taps(h, hp, h1, h0)
-        self.cols_index, self.cols_weight = _axis_taps(w, wp, w1, w0)
+        self.rows_index, self.rows_weight, self.rows_key = _axis_taps(h, hp, h1, h0)
+        self.cols_index, self.cols_weight, self.cols_key = _axis_taps(w, wp, w1, w0)
 
     def rows(self, scores, start: int, stop: int) -> torch.Tensor:
         """(C, h, w) low-resolution scores -> rows [start, stop) of the (C, H0, W0) map.
 
         ``scores`` is a tensor or a lazy score map (``rows(index) -> (1, C, n, w)``, e.g.
-        DeOP's assembled scores), whose needed rows are computed once per band.
+        DeOP's assembled scores at the canvas resolution), whose needed rows are computed
+        once per band.
         """
-        index, weight = self.rows_index[start:stop], self.rows_weight[start:stop]
-        if not isinstance(scores, torch.Tensor):
-            needed, index = index.unique(return_inverse=True)
-            scores = scores.rows(needed)[0]
-        band = sum(scores[:, index[:, t]] * weight[:, t, None] for t in range(4))
+        if isinstance(scores, torch.Tensor):
+            return self.at(scores, slice(start, stop), slice(None))
+        index = self.rows_index[start:stop]
+        needed, local = torch.unique(index, return_inverse=True)
+        block = scores.rows(needed)[0]  # (C, n, w)
+        weight = self.rows_weight[start:stop]
+        band = sum(block[:, local[:, t]] * weight[:, t, None] for t in range(4))
         index, weight = self.cols_index, self.cols_weight
         return sum(band[:, :, index[:, t]] * weight[:, t] for t in range(4))
+
+    def at(self, scores: torch.Tensor, rows, cols, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """(C, h, w) -> (C, len(rows), len(cols)) full-size scores at the given output rows
+        and columns (slices or index tensors), bit-identical to :meth:`rows` there.
+
+        ``classes``: only these score maps (gathering just the cell rows needed).
+        """
+        index, weight = self.rows_index[rows], self.rows_weight[rows]
+        if classes is not None:
+            needed, local = torch.unique(index, return_inverse=True)
+            scores = scores[classes[:, None], needed[None, :]]  # (U, cells needed, w)
+            index = local.view(index.shape)
+        band = scores.index_select(1, index[:, 0]) * weight[:, 0, None]
+        for t in range(1, 4):
+            band = band + scores.index_select(1, index[:, t]) * weight[:, t, None]
+        index, weight = self.cols_index[cols], self.cols_weight[cols]
+        out = band.index_select(2, index[:, 0]) * weight[:, 0]
+        for t in range(1, 4):
+            out = out + band.index_select(2, index[:, t]) * weight[:, t]
+        return out
+
+
+def _window_positions(index: torch.Tensor, weight: torch.Tensor, n_in: int):
+    """Per output cell, the first input cell of a fixed-size window holding all its taps.
+
+    index, weight: (n_out, 4) taps of :func:`_axis_taps`. Returns (positions (n_out,) long,
+    window size). Taps with zero weight are ignored; windows are clamped inside [0, n_in).
+    """
+    used = weight > 0
+    big = torch.full_like(index, n_in)
+    low = torch.where(used, index, big).min(1).values
+    high = torch.where(used, index, torch.full_like(index, -1)).max(1).values
+    low = torch.where(high < 0, index[:, 0], low)  # no positive weight: keep tap 0
+    high = torch.maximum(high, low)
+    span = int((high - low).max()) + 1 if index.numel() else 1
+    span = min(span, n_in)
+    return low.clamp(max=n_in - span), span
+
+
+def _window_reduce(x: torch.Tensor, rows: int, cols: int, op) -> torch.Tensor:
+    """(C, h, w) -> (C, h - rows + 1, w - cols + 1): ``op`` (torch.maximum / minimum) over
+    every rows x cols window, separably (much faster than max_pool2d with many channels)."""
+    h, w = x.shape[-2:]
+    out = x[:, : h - rows + 1]
+    for shift in range(1, rows):
+        out = op(out, x[:, shift : h - rows + 1 + shift])
+    full = out
+    out = full[:, :, : w - cols + 1]
+    for shift in range(1, cols):
+        out = op(out, full[:, :, shift : w - cols + 1 + shift])
+    return out
 
 
 def _band_rows(channels: int, width: int) -> int:
@@ -170,15 +293,53 @@ class SegmentationResult:
         return self.geometry.original
 
     def _label_map(self) -> np.ndarray:
-        k = len(self.classes)
+        """(H0, W0) argmax over classes of the full-size scores, -1 / ``unknown_label`` below
+        the threshold.
+
+        Exactly the argmax of :meth:`probs` (ties: the lowest class index), but only the
+        classes that can win somewhere are upsampled: a full-size score is a convex blend of
+        a few low-resolution cells, so it lies between their min and max, and a class whose
+        max over those cells is below another class's min cannot win there. Bands of output
+        rows are upsampled for their candidate classes only, so 3000 classes cost about as
+        much as the handful that compete in each region.
+        """
         h0, w0 = self.size
         labels = np.empty((h0, w0), dtype=np.int32)
-        step = _band_rows(min(k, _CLASS_CHUNK), w0)
-        for top in range(0, h0, step):
-            bottom = min(top + step, h0)
+        band_top, band_ids = 0, []
+        for top, bottom, class_ids in self._candidate_bands():
+            if class_ids is None:
+                labels[top:bottom] = self._label_rows(top, bottom, None)
+                band_top = bottom
+                continue
+            band_ids.append(class_ids)
+            # merge thin pieces into bands of a few dozen rows: fewer, larger tensor ops
+            if bottom - band_top >= _MERGE_ROWS or bottom == h0:
+                merged = torch.unique(torch.cat(band_ids))
+                labels[band_top:bottom] = self._label_rows(band_top, bottom, merged)
+                band_top, band_ids = bottom, []
+        return labels
+
+    def _label_rows(self, top: int, bottom: int, class_ids: torch.Tensor | None) -> np.ndarray:
+        """Label rows [top, bottom) considering only ``class_ids`` (sorted; None: all).
+
+        Returns (bottom - top, W0) int32. Memory: one band of at most ``_CLASS_CHUNK``
+        full-width maps at a time.
+        """
+        k = len(self.classes)
+        scores = self._scores if class_ids is None else self._scores[class_ids]
+        num = k if class_ids is None else scores.shape[0]
+        w0 = self.size[1]
+        out = np.empty((bottom - top, w0), dtype=np.int32)
+        step = _band_rows(min(num, _CLASS_CHUNK), w0)
+        for band_top in range(top, bottom, step):
+            band_bottom = min(band_top + step, bottom)
             best_score = best_index = None
-            for start in range(0, k, _CLASS_CHUNK):
-                up = self._upsampler.rows(self._classes(start, start + _CLASS_CHUNK), top, bottom)
+            for start in range(0, num, _CLASS_CHUNK):
+                chunk = (
+                    self._classes(start, start + _CLASS_CHUNK) if class_ids is None
+                    else scores[start : start + _CLASS_CHUNK]
+                )
+                up = self._upsampler.rows(chunk, band_top, band_bottom)
                 value, index = up.max(0)
                 if best_score is None:
                     best_score, best_index = value, index
@@ -186,13 +347,166 @@ class SegmentationResult:
                     better = value > best_score
                     best_score = torch.where(better, value, best_score)
                     best_index = torch.where(better, index + start, best_index)
+            if class_ids is not None:
+                best_index = class_ids[best_index]
             band = best_index.to(torch.int32)
             if self.unknown_threshold is not None:
-                total = self._upsampler.rows(self._total, top, bottom)[0]
+                total = self._upsampler.rows(self._total, band_top, band_bottom)[0]
                 best_prob = (best_score + _EPS) / (total + k * _EPS)
                 band[best_prob < self.unknown_threshold] = self.unknown_label
-            labels[top:bottom] = band.numpy()
-        return labels
+            out[band_top - top : band_bottom - top] = band.numpy()
+        return out
+
+    def _candidate_bands(self):
+        """Yield (top, bottom, class_ids) bands covering the output rows, where class_ids
+        (sorted, or None for all) holds every class that can be the argmax in those rows.
+
+        Each output pixel p blends input cells i with weights w_i(p) >= 0 summing to 1, so
+        a class's full-size score lies between its min and max over the cells involved, and
+        the best score at p is at least T(p) = max(the largest such min, max_i w_i(p) * best
+        score at cell i). A first cut keeps the classes whose max reaches T, over fixed
+        windows of cells. Then, on a run of rows (and of columns) along which the taps are
+        fixed, the weights are affine, so each score is bilinear over a block and its range
+        is that of the block's 4 corners: exact values at the corners prune the rest. Bounds
+        carry a margin for float rounding, so no class that can win is ever dropped.
+        """
+        k = len(self.classes)
+        h0 = self.size[0]
+        scores = self._scores
+        if not isinstance(scores, torch.Tensor):
+            # lazy full-resolution scores (DeOP's assembly): no low-resolution cells to bound
+            yield 0, h0, None
+            return
+        # scores are >= 0, so a non-finite sum means a NaN / inf somewhere (or an overflow):
+        # leave those to the plain argmax, which is the reference behaviour
+        if k <= _PRUNE_MIN_CLASSES or not bool(torch.isfinite(scores.sum())):
+            yield 0, h0, None
+            return
+        up = self._upsampler
+        h, w = scores.shape[-2:]
+        span_r = min(h, int((up.rows_index.max(1).values - up.rows_index.min(1).values).max()) + 1)
+        pos_c, span_c = _window_positions(up.cols_index, up.cols_weight, w)
+        used_c = torch.unique(pos_c)
+        col_runs = _runs(up.cols_key)
+        floors = self._row_floors(scores.max(0).values, pos_c, w - span_c + 1)  # (H0, w')
+        pieces = _runs(up.rows_key)
+        piece_pos = [min(int(up.rows_index[top].min()), h - span_r) for top, _ in pieces]
+        first = 0
+        while first < len(pieces):
+            # the pieces whose taps lie in the same window of span_r cell rows
+            last = first
+            while last < len(pieces) and piece_pos[last] == piece_pos[first]:
+                last += 1
+            group, pos = pieces[first:last], piece_pos[first]
+            first = last
+            cells = scores[:, pos : pos + span_r]
+            high = _window_reduce(cells, span_r, span_c, torch.maximum)[:, 0][:, used_c]
+            best_min = _window_reduce(cells, span_r, span_c, torch.minimum)[:, 0].max(0).values
+            floor = floors[group[0][0] : group[-1][1]].min(0).values
+            threshold = torch.maximum(best_min, floor)[used_c] * (1.0 - _PRUNE_MARGIN)
+            class_ids = (high.max(1).values >= threshold.min()).nonzero()[:, 0]
+            passes = high[class_ids] >= threshold  # (U, used windows)
+            class_ids, passes = class_ids[passes.any(1)], passes[passes.any(1)]
+            if len(class_ids) <= 1:
+                for top, bottom in group:
+                    yield top, bottom, class_ids
+                continue
+            keep = self._corner_check(class_ids, passes, group, used_c, pos_c, col_runs)
+            for piece, (top, bottom) in enumerate(group):
+                yield top, bottom, class_ids[keep[:, piece]]
+
+    def _corner_check(self, class_ids, passes, group, used_c, pos_c, col_runs) -> torch.Tensor:
+        """(U, P) bool: can class ``class_ids[u]`` win somewhere in row piece p of ``group``?
+
+        On a block (row piece x column run) every score is bilinear, so its range is that of
+        the 4 corner values, computed exactly (bit-identical to the label map's) for the
+        (class, column run) pairs that passed the window test (``passes``: (U, used windows)).
+        Classes go in chunks (two passes when there are many), so memory stays bounded.
+        """
+        u_count, p_count = len(class_ids), len(group)
+        runs = len(col_runs)
+        starts = torch.tensor([start for start, _ in col_runs])
+        ends = torch.tensor([stop - 1 for _, stop in col_runs])
+        # the column windows each run touches: [first, last] (a run's taps are fixed)
+        window_slot = torch.full((int(pos_c.max()) + 1,), -1, dtype=torch.long)
+        window_slot[used_c] = torch.arange(len(used_c))
+        run_of_column = torch.repeat_interleave(torch.arange(runs), ends - starts + 1)
+        first = torch.full((runs,), len(used_c)).scatter_reduce(
+            0, run_of_column, window_slot[pos_c], "amin", include_self=True
+        )
+        last = torch.full((runs,), -1).scatter_reduce(
+            0, run_of_column, window_slot[pos_c], "amax", include_self=True
+        )
+        rows = torch.tensor([r for top, bottom in group for r in (top, bottom - 1)])
+        chunk = max(1, _PRUNE_BYTES // (8 * runs * 2 * 2 * p_count * 4))
+        chunks = [slice(i, i + chunk) for i in range(0, u_count, chunk)]
+
+        def corners(part: slice):
+            run_passes = torch.zeros(len(class_ids[part]), runs, dtype=torch.bool)
+            for offset in range(int((last - first).max()) + 1):
+                run_passes |= passes[part][:, torch.minimum(first + offset, last)]
+            pair_u, pair_run = run_passes.nonzero(as_tuple=True)
+            values = self._corner_values(class_ids[part], pair_u, starts[pair_run], ends[pair_run], rows)
+            values = values.view(len(pair_u), 2, p_count, 2)  # (pairs, column, piece, row)
+            return pair_u, pair_run, values.amax(dim=(1, 3)), values.amin(dim=(1, 3))
+
+        # scores are >= 0, so -1 is below every lower bound
+        best_lower = torch.full((runs, p_count), -1.0)  # (runs, P)
+        kept = []
+        for part in chunks:
+            pair_u, pair_run, upper, lower = corners(part)
+            best_lower = best_lower.scatter_reduce(
+                0, pair_run[:, None].expand(-1, p_count), lower, "amax", include_self=True
+            )
+            kept.append((pair_u, pair_run, upper) if len(chunks) == 1 else None)
+        keep = torch.zeros(u_count, p_count)
+        for part, stored in zip(chunks, kept, strict=True):
+            pair_u, pair_run, upper = stored if stored is not None else corners(part)[:3]
+            winning = upper >= best_lower[pair_run] * (1.0 - _PRUNE_MARGIN)  # (pairs, P)
+            keep[part].index_add_(0, pair_u, winning.float())
+        return keep > 0
+
+    def _corner_values(self, class_ids, pair_u, left, right, rows) -> torch.Tensor:
+        """Full-size scores of class ``class_ids[pair_u]`` at output rows ``rows`` (R,) and
+        columns ``left`` / ``right`` (pairs,) -> (pairs, 2, R), bit-identical to
+        :meth:`_RowUpsampler.rows` (the same float operations in the same order)."""
+        up = self._upsampler
+        index, weight = up.rows_index[rows], up.rows_weight[rows]
+        needed, local = torch.unique(index, return_inverse=True)
+        local = local.view(index.shape)
+        cells = self._scores[class_ids[:, None], needed[None, :]]  # (U, cell rows, w)
+        band = cells.index_select(1, local[:, 0]) * weight[:, 0, None]
+        for t in range(1, 4):
+            band = band + cells.index_select(1, local[:, t]) * weight[:, t, None]
+        band = band.permute(0, 2, 1)  # (U, w, R)
+        columns = torch.stack([left, right], 1)  # (pairs, 2)
+        taps, tap_weight = up.cols_index[columns], up.cols_weight[columns]  # (pairs, 2, 4)
+        u_index = pair_u[:, None]
+        values = band[u_index, taps[..., 0]] * tap_weight[..., 0, None]  # (pairs, 2, R)
+        for t in range(1, 4):
+            values = values + band[u_index, taps[..., t]] * tap_weight[..., t, None]
+        return values
+
+    def _row_floors(self, best_cell: torch.Tensor, pos_c: torch.Tensor, windows: int) -> torch.Tensor:
+        """(H0, windows): per output row and column window, a lower bound of the best
+        full-size score there: min over its pixels of max_i w_i(p) * best_cell[i]."""
+        up = self._upsampler
+        h0, w0 = self.size
+        out = torch.empty(h0, windows)
+        step = max(1, 2**22 // max(1, w0))
+        for top in range(0, h0, step):
+            index, weight = up.rows_index[top : top + step], up.rows_weight[top : top + step]
+            rows = best_cell.index_select(0, index[:, 0]) * weight[:, 0, None]
+            for t in range(1, 4):
+                rows = torch.maximum(rows, best_cell.index_select(0, index[:, t]) * weight[:, t, None])
+            pixels = rows.index_select(1, up.cols_index[:, 0]) * up.cols_weight[:, 0]
+            for t in range(1, 4):
+                pixels = torch.maximum(pixels, rows.index_select(1, up.cols_index[:, t]) * up.cols_weight[:, t])
+            floor = torch.zeros(pixels.shape[0], windows)
+            out[top : top + step] = floor.scatter_reduce(
+                1, pos_c.expand(pixels.shape[0], -1), pixels, "amin", include_self=False
+            )
+        return out
 
     @cached_property
     def probs(self) -> np.ndarray:
@@ -226,10 +540,26 @@ class SegmentationResult:
         }
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
+    @cached_property
+    def colours(self) -> np.ndarray:
+        """(K, 3) uint8 colour per class (see :func:`class_colours`: from the class name)."""
+        return class_colours(self.classes)
+
+    @property
+    def background_index(self) -> int | None:
+        """The background class: the one named ``background=`` when segmenting, else an
+        entry literally named "background" (any of its synonyms); None without one."""
+        if self.unknown_label >= 0:
+            return self.unknown_label
+        for index, entry in enumerate(self.classes):
+            if "background" in (_name_key(n) for n in entry.split(",")):
+                return index
+        return None
+
     def colour_map(self) -> np.ndarray:
         """(H, W, 3) uint8 colour picture of the label map (unknown = black)."""
         k = len(self.classes)
-        colours = np.concatenate([palette(k), np.zeros((1, 3), np.uint8)])
+        colours = np.concatenate([self.colours, np.zeros((1, 3), np.uint8)])
         return colours[np.where(self.label_map < 0, k, self.label_map)]
 
     def to_pil(self):
@@ -247,7 +577,7 @@ class SegmentationResult:
             if img.mode != "P":
                 img = img.convert("P")
             table = np.zeros((256, 3), np.uint8)
-            table[:k] = palette(k)
+            table[:k] = self.colours
             img.putpalette(table.reshape(-1).tolist())
             return img
         if k > 65535:
@@ -255,14 +585,30 @@ class SegmentationResult:
         arr = np.where(self.label_map < 0, 65535, self.label_map).astype(np.uint16)
         return Image.fromarray(arr)
 
-    def overlay(self, image, alpha: float = 0.5, image_format: str = "RGB"):
-        """The image with class colours blended in (unknown pixels untouched) -> PIL RGB."""
+    def overlay(
+        self,
+        image,
+        alpha: float = 0.5,
+        image_format: str = "RGB",
+        *,
+        legend: bool = True,
+        background_alpha: float = 0.0,
+    ):
+        """The image with class colours blended in -> PIL RGB.
+
+        Unknown pixels are left untouched, and so is the background class
+        (:attr:`background_index`) unless ``background_alpha`` > 0 (then it is blended that
+        faintly). With ``legend``, a panel on the right lists the classes present (largest
+        first) with their colours, so the picture is wider than the image (and taller when
+        the list is longer than the image is high); ``legend=False`` keeps the image's size.
+        """
         from PIL import Image
 
         from .images import to_tensor
 
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        for name, value in (("alpha", alpha), ("background_alpha", background_alpha)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         (rgb,) = to_tensor(image, image_format)[:1]
         base = (rgb.permute(1, 2, 0).numpy() * 255.0).round().astype(np.float32)
         if base.shape[:2] != self.label_map.shape:
@@ -271,9 +617,59 @@ class SegmentationResult:
                 f"{self.label_map.shape[1]}x{self.label_map.shape[0]}: pass the segmented image"
             )
         colours = self.colour_map().astype(np.float32)
-        known = (self.label_map >= 0)[..., None]
-        blended = np.where(known, (1 - alpha) * base + alpha * colours, base)
-        return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8), "RGB")
+        strength = np.where(self.label_map >= 0, alpha, 0.0).astype(np.float32)
+        background = self.background_index
+        if background is not None:
+            strength[self.label_map == background] = alpha * background_alpha
+        strength = strength[..., None]
+        blended = np.where(strength > 0, (1 - strength) * base + strength * colours, base)
+        picture = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8), "RGB")
+        return self._with_legend(picture) if legend else picture
+
+    def legend_entries(self) -> list[tuple[str, tuple[int, int, int] | None, float]]:
+        """(class name, colour or None if unpainted, fraction of pixels) for the classes
+        present, largest first; the background is listed with colour None."""
+        ids, counts = np.unique(self.label_map, return_counts=True)
+        total = self.label_map.size
+        background = self.background_index
+        entries = []
+        for i, c in sorted(zip(ids.tolist(), counts.tolist(), strict=True), key=lambda x: -x[1]):
+            if i < 0:
+                continue
+            colour = None if i == background else tuple(int(v) for v in self.colours[i])
+            entries.append((self.classes[i], colour, c / total))
+        return entries
+
+    def _with_legend(self, picture):
+        """Append a legend panel (white, one row per present class) right of ``picture``."""
+        from PIL import Image, ImageDraw, ImageFont
+
+        entries = self.legend_entries()
+        if not entries:
+            return picture
+        try:
+            font = ImageFont.load_default(size=12)
+        except TypeError:  # Pillow < 10.1: fixed bitmap font
+            font = ImageFont.load_default()
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        labels = [f"{name}  {fraction:.0%}" for name, _, fraction in entries]
+        text_w = max(measure.textbbox((0, 0), t, font=font)[2] for t in labels)
+        row, swatch, pad = 16, 12, 4
+        width = pad + swatch + pad + text_w + pad
+        height = max(picture.height, pad + row * len(entries) + pad)
+        canvas = Image.new("RGB", (picture.width + width, height), (255, 255, 255))
+        canvas.paste(picture, (0, 0))
+        draw = ImageDraw.Draw(canvas)
+        x = picture.width + pad
+        for n, ((_, colour, _), label) in enumerate(zip(entries, labels, strict=True)):
+            y = pad + n * row
+            box = (x, y + 2, x + swatch - 1, y + 2 + swatch - 1)
+            if colour is None:  # unpainted background: an empty box
+                draw.rectangle(box, outline=(128, 128, 128))
+            else:
+                draw.rectangle(box, fill=colour)
+            draw.text((x + swatch + pad, y + 1), label, fill=(0, 0, 0), font=font)
+        return canvas
 
     def save(self, path: str | Path) -> Path:
         """Save the label map: ``.png`` (see :meth:`to_pil`) or ``.npy`` (int32 array)."""

@@ -22,7 +22,7 @@ from torch import nn
 from .config import ModelConfig
 from .encoding import EncodedImage, EncodedPass, ImageEncoding, keep_for_decoding, presence_scores
 from .hub import CONFIG_NAME, WEIGHTS_NAME, load_weights, resolve_model_dir, save_weights
-from .images import Geometry, prepare, to_tensor
+from .images import Geometry, prepare, to_tensors
 from .models.interface import MaskClassifier
 from .models.registry import build_model, config_from_dict, load_config, preset_config
 from .painting import as_masks, paint_mask_scores
@@ -342,9 +342,7 @@ class Segmenter:
         bar = _progress(len(inputs), progress)
         try:
             for start in range(0, len(inputs), batch_size):
-                chunk: list[torch.Tensor] = []
-                for item in inputs[start : start + batch_size]:
-                    chunk.extend(to_tensor(item, image_format))
+                chunk = to_tensors(inputs[start : start + batch_size], image_format, start if many else None)
                 chunk_masks = None
                 if mask_list is not None:
                     chunk_masks = mask_list[done : done + len(chunk)]

@@ -8,6 +8,7 @@ pass.
 
 from __future__ import annotations
 
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -42,7 +43,9 @@ def parse_vocabulary(vocabulary: Sequence[str]) -> list[tuple[str, ...]]:
     """Split each entry into its synonyms and validate the whole list.
 
     Returns one tuple of synonyms per class, in the given order. Raises ``ValueError``
-    for an empty vocabulary, an empty entry, or a duplicated class or synonym.
+    for an empty vocabulary, an empty entry, or a duplicated class or synonym (compared
+    case-insensitively after Unicode NFC normalisation, as the tokenizer sees them: "café"
+    typed with a combining accent is the same name as with a precomposed "é").
     """
     if isinstance(vocabulary, str):
         raise TypeError(
@@ -61,16 +64,24 @@ def parse_vocabulary(vocabulary: Sequence[str]) -> list[tuple[str, ...]]:
         if not names:
             raise ValueError(f"vocabulary entry {index} ({entry!r}) is empty")
         for name in names:
-            key = name.lower()
+            key = unicodedata.normalize("NFC", name).lower()
             if key in seen:
                 other = entries[seen[key]]
+                same = "" if other == entry else " (the same name once lower-cased and NFC-normalised)"
                 raise ValueError(
                     f"duplicate class name {name!r} in vocabulary entries {seen[key]} "
-                    f"({other!r}) and {index} ({entry!r})"
+                    f"({other!r}) and {index} ({entry!r}){same}"
                 )
             seen[key] = index
         parsed.append(names)
     return parsed
+
+
+def _shorten(name: str, keep: int = 60) -> str:
+    """A long name as its start and end, for error messages."""
+    if len(name) <= keep:
+        return name
+    return name[: keep - 25] + " ... " + name[-20:]
 
 
 class TextEncoder(nn.Module):
@@ -104,6 +115,8 @@ class TextEncoder(nn.Module):
         else:
             self.register_parameter("prompt_context", None)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # name -> its prompts' token ids when some prompt fills the context (None otherwise)
+        self._token_keys: dict[str, tuple | None] = {}
         self.cache_size = 100_000
         self.encode_batch_size = 256
 
@@ -139,9 +152,7 @@ class TextEncoder(nn.Module):
         """
         ctx = self.prompt_context
         device = self.token_embedding.weight.device
-        if ctx is not None:
-            prompts = [" ".join(["X"] * ctx.shape[0]) + " " + p for p in prompts]
-        tokens = self.tokenizer(list(prompts)).to(device)
+        tokens = self.tokenizer(self._prompt_texts(prompts)).to(device)
         cast = self.transformer.get_cast_dtype() if hasattr(self.transformer, "get_cast_dtype") else None
         x = self.token_embedding(tokens)
         if cast is not None:
@@ -169,6 +180,62 @@ class TextEncoder(nn.Module):
             x = x @ proj
         return x
 
+    def _prompt_texts(self, prompts: Sequence[str]) -> list[str]:
+        """The strings given to the tokenizer (placeholders for learned context first)."""
+        ctx = self.prompt_context
+        if ctx is not None:
+            return [" ".join(["X"] * ctx.shape[0]) + " " + p for p in prompts]
+        return list(prompts)
+
+    def check_distinct(self, names: Sequence[str]) -> None:
+        """Raise ``ValueError`` if two names reach the text tower as the same tokens.
+
+        The tokenizer cuts every prompt at the context length, so names that differ only
+        after it would get identical embeddings. Only names long enough to fill the context
+        are tokenised here (once per name; remembered).
+        """
+        unknown = [n for n in names if n not in self._token_keys]
+        if unknown:
+            if len(self._token_keys) > self.cache_size:
+                self._token_keys.clear()
+            self._token_keys.update(self._token_keys_of(unknown))
+        seen: dict[tuple, str] = {}
+        for name in names:
+            key = self._token_keys.get(name)
+            if key is None:
+                continue
+            if key in seen and seen[key] != name:
+                context = self.positional_embedding.shape[0]
+                raise ValueError(
+                    f"class names {_shorten(seen[key])!r} and {_shorten(name)!r} differ only after the text "
+                    f"encoder's {context}-token limit, so the model cannot tell them apart: "
+                    "shorten them or make them differ earlier"
+                )
+            seen[key] = name
+
+    def _token_keys_of(self, names: Sequence[str]) -> dict[str, tuple | None]:
+        """name -> token ids of all its prompts if any prompt fills the context, else None."""
+        context = self.positional_embedding.shape[0]
+        templates = self.templates
+        # bare names first (cheap): a prompt can only fill the context if the name alone
+        # (plus the longest template) comes close to it
+        pad = int(self.tokenizer([""])[0, -1])
+        overhead = max(
+            int((self.tokenizer(self._prompt_texts([t.format("")]))[0] != pad).sum())
+            for t in templates
+        )
+        bare = self.tokenizer(list(names))
+        lengths = (bare != pad).sum(1).tolist()
+        keys: dict[str, tuple | None] = {}
+        for name, length in zip(names, lengths, strict=True):
+            if length + overhead < context:
+                keys[name] = None
+                continue
+            tokens = self.tokenizer(self._prompt_texts([t.format(name) for t in templates]))
+            full = bool((tokens[:, -1] != pad).any())
+            keys[name] = tuple(tokens.flatten().tolist()) if full else None
+        return keys
+
     def encode_names(self, names: Sequence[str]) -> torch.Tensor:
         """(len(names), E) normalised embeddings, each the mean over all templates."""
         templates = self.templates
@@ -185,6 +252,7 @@ class TextEncoder(nn.Module):
         classes = parse_vocabulary(vocabulary)
         use_cache = not (self.training and torch.is_grad_enabled())
         names = sorted({n for syn in classes for n in syn})
+        self.check_distinct(names)
         if use_cache:
             missing = [n for n in names if n not in self._cache]
         else:

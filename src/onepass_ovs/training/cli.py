@@ -25,6 +25,8 @@ from .._cli_common import fail, load_segmenter, open_dataset, parse_names
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: wraps long paths instead of cropping them
+    context_settings={"max_content_width": 120},
     help="Train DeOP's stages (prompt -> proposals -> deop) on your own data.",
 )
 
