@@ -549,9 +549,7 @@ class Segmenter:
         inputs = list(images) if isinstance(images, (list, tuple)) else [images]
         encoded: list[EncodedImage] = []
         for start in range(0, len(inputs), batch_size):
-            chunk: list[torch.Tensor] = []
-            for item in inputs[start : start + batch_size]:
-                chunk.extend(to_tensor(item, image_format))
+            chunk = to_tensors(inputs[start : start + batch_size], image_format, start if many else None)
             encoded.extend(self._encode_chunk(chunk, size, batch_size, windows))
         return ImageEncoding(
             encoded, many, self.config.family, self.config.name, id(self.model), self.device
