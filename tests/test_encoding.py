@@ -112,3 +112,4 @@ def test_encoding_misuse_is_refused(seg):
         seg.classify(emb, VOCAB_A, sliding_window=64)
     moved = emb.to("cpu")
     _assert_same(seg.segment(moved, VOCAB_A), seg.segment(emb, VOCAB_A))
+

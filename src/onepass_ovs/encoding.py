@@ -37,13 +37,14 @@ from .sliding import Windows
 _TRAINING_ONLY_KEYS = ("proposal_outputs",)
 
 
-def _map_tensors(value, fn):
+def map_tensors(value, fn):
+    """``value`` with ``fn`` applied to every tensor in it (dicts and lists walked)."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
+        return {k: map_tensors(v, fn) for k, v in value.items()}
     if isinstance(value, list):
-        return [_map_tensors(v, fn) for v in value]
+        return [map_tensors(v, fn) for v in value]
     return value
 
 
@@ -137,7 +138,7 @@ class ImageEncoding:
         """A copy with every tensor on ``device`` (passes shared by images stay shared)."""
         device = torch.device(device)
         moved = {
-            id(p): EncodedPass(_map_tensors(p.encoding, lambda t: t.to(device)), p.boxes)
+            id(p): EncodedPass(map_tensors(p.encoding, lambda t: t.to(device)), p.boxes)
             for p in self.passes()
         }
         images = [

@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .encoding import EncodedImage, EncodedPass, ImageEncoding, keep_for_decoding, presence_scores
+from .encoding import (
+    EncodedImage,
+    EncodedPass,
+    ImageEncoding,
+    keep_for_decoding,
+    map_tensors,
+    presence_scores,
+)
 from .hub import CONFIG_NAME, WEIGHTS_NAME, load_weights, resolve_model_dir, save_weights
 from .images import Geometry, prepare, to_tensors
 from .models.interface import MaskClassifier
@@ -589,7 +596,9 @@ class Segmenter:
 
     @torch.inference_mode()
     def decode_batch(self, encoding: dict, text: torch.Tensor):
-        """An encoding + (K, E) text -> (B, K, h, w) scores on the CPU (tensor or lazy)."""
+        """An encoding + (K, E) text -> (B, K, h, w) scores on the CPU (tensor or lazy).
+        Encodings held elsewhere (``emb.to("cpu")`` to spare GPU memory) are moved here."""
+        encoding = map_tensors(encoding, lambda t: t.to(self.device))
         with self._autocast():
             return self.model.decode_scores(encoding, text).float().cpu()
 
