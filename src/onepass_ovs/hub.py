@@ -411,3 +411,34 @@ def _fetch_clip_files(display: str, hub_name: str, filenames: list[str], **downl
             hint = " (onepass_ovs loads safetensors weights only, never pickled .bin files)"
         message = f"CLIP model {display!r} is not available: {err}{hint}"
         raise ModelNotAvailableError(message) from err
+
+
+def upload_model_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload onepass_ovs model",
+    revision: str | None = None,
+):
+    """Upload a saved model folder to the Hub in one commit (creating the repo, and the
+    ``revision`` branch, if missing); returns huggingface_hub's ``CommitInfo``."""
+    from huggingface_hub import HfApi
+
+    if repo_id.startswith("hf-hub:"):
+        repo_id = repo_id[len("hf-hub:") :]
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'org/name'")
+    folder = Path(folder)
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {missing}: not a saved onepass_ovs model")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+        revision=revision, repo_type="model",
+    )

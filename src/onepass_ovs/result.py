@@ -688,6 +688,111 @@ class SegmentationResult:
         present = ", ".join(f"{n} {f:.0%}" for n, f in list(self.fractions().items())[:5])
         return f"SegmentationResult({w}x{h}, {len(self.classes)} classes; {present})"
 
+    # -- per-segment scores and ecosystem outputs -----------------------------------------
+    def segment_scores(self) -> dict[int, float]:
+        """{class index: score} for every class present in the label map.
+
+        The score of a segment is the mean probability of its class over its own pixels
+        (the pixels labelled with it, :attr:`probs` averaged there): 1.0 means every pixel
+        of the segment was certain, 1/K means the model hesitated between all K classes.
+        Computed band by band (no K x H x W array) unless :attr:`probs` is already made.
+        """
+        k = len(self.classes)
+        present = [int(i) for i in np.unique(self.label_map) if i >= 0]
+        if not present:
+            return {}
+        sums = np.zeros(k, dtype=np.float64)
+        if "probs" in self.__dict__:  # already materialised: use it
+            for i in present:
+                sums[i] = self.probs[i][self.label_map == i].sum(dtype=np.float64)
+        else:
+            h0, w0 = self.size
+            step = _band_rows(min(k, _CLASS_CHUNK), w0)
+            for top in range(0, h0, step):
+                bottom = min(top + step, h0)
+                labels = torch.from_numpy(self.label_map[top:bottom]).long()
+                total = self._upsampler.rows(self._total, top, bottom)
+                for start in range(0, k, _CLASS_CHUNK):
+                    chunk = [i for i in present if start <= i < start + _CLASS_CHUNK]
+                    if not chunk:
+                        continue
+                    up = self._upsampler.rows(
+                        self._classes(start, start + _CLASS_CHUNK), top, bottom
+                    )
+                    probs = (up + _EPS) / (total + k * _EPS)
+                    for i in chunk:
+                        sums[i] += probs[i - start][labels == i].double().sum().item()
+        counts = np.bincount(self.label_map[self.label_map >= 0].ravel(), minlength=k)
+        return {i: float(sums[i] / counts[i]) for i in present}
+
+    def segments(self) -> list[dict]:
+        """One dict per class present in the label map, in vocabulary order::
+
+            {"label": str, "score": float, "mask": (H, W) bool ndarray,
+             "class_id": int, "area": int (pixels)}
+
+        ``score``: see :meth:`segment_scores` (the mean probability of the class over its
+        pixels). Unknown pixels (-1) belong to no segment.
+        """
+        scores = self.segment_scores()
+        out = []
+        for i, score in sorted(scores.items()):
+            mask = self.label_map == i
+            out.append({
+                "label": self.classes[i], "score": score, "mask": mask,
+                "class_id": i, "area": int(mask.sum()),
+            })
+        return out
+
+    def to_records(self) -> list[dict]:
+        """The output of a transformers ``image-segmentation`` pipeline: a list of
+        ``{"score": float, "label": str, "mask": PIL.Image}`` (mode ``"L"``, 255 inside the
+        segment, 0 outside), one per present class in vocabulary order; scores as in
+        :meth:`segments`."""
+        from PIL import Image
+
+        return [
+            {
+                "score": seg["score"],
+                "label": seg["label"],
+                "mask": Image.fromarray(seg["mask"].astype(np.uint8) * 255).convert("L"),
+            }
+            for seg in self.segments()
+        ]
+
+    def to_supervision(self):
+        """The segments as ``supervision.Detections`` (needs ``pip install onepass-ovs
+        [supervision]``): ``mask`` (N, H, W) bool, ``xyxy`` (N, 4) the masks' bounding boxes
+        (x1, y1, x2, y2 in pixels, inclusive of the last pixel + 1), ``class_id`` (N,) indices
+        into :attr:`classes`, ``confidence`` (N,) the segment scores (:meth:`segments`), and
+        ``data["class_name"]`` (N,) the class names; one detection per present class."""
+        try:
+            import supervision as sv
+        except ImportError as err:
+            raise ImportError(
+                "to_supervision() needs supervision: pip install 'onepass-ovs[supervision]'"
+            ) from err
+        segs = self.segments()
+        h, w = self.size
+        if not segs:
+            return sv.Detections(
+                xyxy=np.zeros((0, 4), np.float32), mask=np.zeros((0, h, w), bool),
+                confidence=np.zeros(0, np.float32), class_id=np.zeros(0, int),
+                data={"class_name": np.array([], dtype=str)},
+            )
+        masks = np.stack([s["mask"] for s in segs])
+        boxes = []
+        for mask in masks:
+            ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+            boxes.append([xs[0], ys[0], xs[-1], ys[-1]])
+        return sv.Detections(
+            xyxy=np.asarray(boxes, np.float32),
+            mask=masks,
+            confidence=np.asarray([s["score"] for s in segs], np.float32),
+            class_id=np.asarray([s["class_id"] for s in segs], int),
+            data={"class_name": np.asarray([s["label"] for s in segs])},
+        )
+
 
 def _pil_takes_mode() -> bool:
     # Pillow >= 11 deprecates the mode argument of fromarray for 2-D uint8 arrays.

@@ -9,21 +9,39 @@ Segmenter stays family-agnostic; families that classify external masks also impl
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .encoding import (
+    EncodedImage,
+    EncodedPass,
+    ImageEncoding,
+    keep_for_decoding,
+    map_tensors,
+    presence_scores,
+)
 from .hub import CONFIG_NAME, WEIGHTS_NAME, load_weights, resolve_model_dir, save_weights
 from .images import Geometry, prepare, to_tensors
 from .models.interface import MaskClassifier
 from .models.registry import build_model, config_from_dict, load_config, preset_config
 from .painting import as_masks, paint_mask_scores
 from .result import UNKNOWN, SegmentationResult
-from .sliding import Windows, slide, window_layout
+from .sliding import (
+    Windows,
+    blend_windows,
+    slide,
+    window_chunks,
+    window_layout,
+    window_valid_sizes,
+)
 from .text import parse_vocabulary
 
 
@@ -59,10 +77,14 @@ class Segmenter:
     >>> result.label_map  # (H, W) int32 indices into the vocabulary
     """
 
-    def __init__(self, model: nn.Module, *, device=None, dtype=None):
+    def __init__(self, model: nn.Module, *, device=None, dtype=None, fast: bool = False):
         self.device = _device(device)
         self.dtype = _dtype(dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.fast_path: FastPath | None = None
+        self._compiled_encode = None  # torch.compile'd encode_image (optimize(compile=...))
+        if fast:
+            self.optimize()
 
     # -- construction -----------------------------------------------------------------
     @property
@@ -161,13 +183,67 @@ class Segmenter:
         )
         return cls(model, device=device, dtype=dtype)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (nothing else) into ``directory``."""
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        *,
+        model_card: bool = False,
+        metrics: dict | None = None,
+        repo_id: str | None = None,
+        license: str | None = None,
+    ) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into ``directory``; with
+        ``model_card=True`` also a generated ``README.md`` (see
+        :func:`onepass_ovs.model_card.model_card`: ``metrics``, ``repo_id``, ``license``)."""
+        if not model_card and (metrics is not None or repo_id is not None or license is not None):
+            raise ValueError("metrics, repo_id and license go into the model card: pass model_card=True")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_NAME)
         save_weights(self.model, directory / WEIGHTS_NAME)
+        if model_card:
+            from .model_card import write_model_card
+
+            write_model_card(
+                directory, self.config, metrics=metrics, repo_id=repo_id, license=license
+            )
         return directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str = "Upload onepass_ovs model",
+        revision: str | None = None,
+        metrics: dict | None = None,
+        license: str | None = None,
+    ):
+        """Publish this model on the Hugging Face Hub as ``repo_id`` (``"org/name"``).
+
+        Uploads what :meth:`save_pretrained` writes (``config.json`` + ``model.safetensors``)
+        plus a generated ``README.md`` model card (family, loading snippet, vocabulary
+        protocol, preprocessing, and ``metrics`` if given, e.g. ``{"ADE20K-150": {"mIoU":
+        29.1}}``), in one commit. The repo is created if missing (``private`` applies
+        then); ``revision`` names a branch, created from main if missing. ``token``: a Hub
+        token (default: the logged-in one). Load it back with
+        ``Segmenter.from_pretrained("hf-hub:<repo_id>")``. Returns huggingface_hub's
+        ``CommitInfo``.
+        """
+        import tempfile
+
+        from .hub import upload_model_folder
+
+        repo_id = repo_id[len("hf-hub:") :] if repo_id.startswith("hf-hub:") else repo_id
+        with tempfile.TemporaryDirectory(prefix="onepass_push_") as folder:
+            self.save_pretrained(
+                folder, model_card=True, metrics=metrics, repo_id=repo_id, license=license
+            )
+            return upload_model_folder(
+                folder, repo_id, private=private, token=token,
+                commit_message=commit_message, revision=revision,
+            )
 
     def to(self, device=None, dtype=None) -> Segmenter:
         if device is not None:
@@ -209,7 +285,11 @@ class Segmenter:
 
         Args:
             images: a path, PIL image, numpy (H, W, 3) array, (3, H, W) tensor, or a list of
-                them / a (B, 3, H, W) tensor. See :mod:`onepass_ovs.images`.
+                them / a (B, 3, H, W) tensor. See :mod:`onepass_ovs.images`. Or an
+                :class:`~onepass_ovs.encoding.ImageEncoding` from :meth:`encode`: then only
+                the text and the cheap decoding run (``size``, ``sliding_window``,
+                ``batch_size`` and ``image_format`` were fixed by ``encode``; ``masks`` is
+                not supported), with results equal to segmenting the images.
             vocabulary: class names; ``"a, b"`` gives one class two synonyms.
             unknown_threshold: pixels whose best class probability is below it get -1 (or
                 the ``background`` class).
@@ -235,6 +315,16 @@ class Segmenter:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if unknown_threshold is not None and not 0.0 <= unknown_threshold <= 1.0:
             raise ValueError(f"unknown_threshold must be in [0, 1], got {unknown_threshold}")
+        if isinstance(images, ImageEncoding):
+            self._check_encoding(images, masks, size, sliding_window)
+            vocab = self._vocabulary_text(vocabulary, background)
+            results = [
+                SegmentationResult(
+                    scores, vocab.classes, geometry, unknown_threshold, vocab.unknown_label
+                )
+                for scores, geometry in self._decode(images, vocab)
+            ]
+            return results if images.many else results[0]
         classes = list(vocabulary) if not isinstance(vocabulary, str) else vocabulary
         synonyms = parse_vocabulary(classes)  # validate before any image work
         background_index = _background_index(classes, synonyms, background)
@@ -343,13 +433,283 @@ class Segmenter:
     def predict_scores(self, batch: torch.Tensor, text: torch.Tensor, sizes):
         """(B, 3, Hp, Wp) padded [0, 1] images -> (B, K, h, w) class scores on the CPU:
         a float tensor, or lazy assembled scores (DeOP) with the same indexing by image."""
+        return self._scores_on_device(batch, text, sizes).float().cpu()
+
+    def _scores_on_device(self, batch: torch.Tensor, text: torch.Tensor, sizes):
+        batch = self._model_input(batch)
+        with self._autocast():
+            if self.fast_path is None:
+                return self.model.predict_scores(batch, text, sizes)
+            return self.model.decode_scores(self._encode(batch, sizes), text)
+
+    def _encode(self, batch: torch.Tensor, sizes) -> dict:
+        return (self._compiled_encode or self.model.encode_image)(batch, sizes)
+
+    def _model_input(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(device=self.device, dtype=self.dtype)
-        scores = self.model.predict_scores(batch, text, sizes)
-        return scores.float().cpu()
+        if self.fast_path is not None and self.fast_path.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def _autocast(self):
+        if self.fast_path is None or self.fast_path.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.fast_path.autocast)
+
+    # -- the fast path ----------------------------------------------------------------------
+    def optimize(
+        self,
+        *,
+        autocast: str | torch.dtype | None = "auto",
+        channels_last: bool = True,
+        compile: bool | str = False,
+    ) -> Segmenter:
+        """Switch inference to the fast path; returns ``self``. ``Segmenter(model,
+        fast=True)`` does the same with the defaults.
+
+        - ``autocast``: ``"auto"`` (bfloat16 on a CUDA GPU that supports it, off elsewhere),
+          ``"bf16"``, ``"fp16"`` or None. The model's forward runs under ``torch.autocast``
+          (the families keep their numerically delicate steps in float32: softmaxes,
+          classification logits, assembly); class scores come back in float32.
+        - ``channels_last``: convolution weights and inputs in channels-last memory
+          format (faster convolutions on GPUs and oneDNN CPUs; identical arithmetic).
+        - ``compile``: ``torch.compile`` the image pass (``True``: the default inductor
+          backend, or a backend name); the first call per input size compiles.
+
+        Attention already runs through ``F.scaled_dot_product_attention``
+        (``nn.MultiheadAttention`` with ``need_weights=False``, the severance blocks, CAL's
+        fused pooling); SED's linear attention has no softmax to fuse. On a CPU the default
+        fast path (channels-last only) gives the normal path's results up to float
+        rounding. Undo with ``optimize(autocast=None, channels_last=False)``.
+        """
+        if autocast == "auto":
+            use_bf16 = (
+                self.device.type == "cuda" and self.dtype == torch.float32
+                and torch.cuda.is_bf16_supported()
+            )
+            amp = torch.bfloat16 if use_bf16 else None
+        elif autocast is None or autocast is False:
+            amp = None
+        else:
+            amps = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                    "float16": torch.float16, torch.bfloat16: torch.bfloat16,
+                    torch.float16: torch.float16}
+            amp = amps.get(autocast)
+            if amp is None:
+                raise ValueError(f"autocast must be 'auto', 'bf16', 'fp16' or None, got {autocast!r}")
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=memory_format)
+        backend = None
+        self._compiled_encode = None
+        if compile:
+            backend = "inductor" if compile is True else str(compile)
+            self._compiled_encode = torch.compile(self.model.encode_image, backend=backend)
+        self.fast_path = FastPath(amp, channels_last, backend)
+        if amp is None and not channels_last and backend is None:
+            self.fast_path = None
+        return self
+
+    @torch.inference_mode()
+    def predict_labels(self, batch: torch.Tensor, vocabulary, sizes=None) -> torch.Tensor:
+        """The batched throughput path: (B, 3, Hp, Wp) images already at the working size
+        (padded [0, 1], e.g. from :func:`onepass_ovs.images.prepare`) -> (B, Hp, Wp) int64
+        label maps on the device, no CPU round trip.
+
+        ``vocabulary``: class names or (K, E) text embeddings from :meth:`encode_text`.
+        Scores are bilinearly resized to the canvas and the best class taken per pixel, as
+        :meth:`segment` does for an image already at the working size (no unknown
+        threshold, no background merging).
+        """
+        text = vocabulary if isinstance(vocabulary, torch.Tensor) else self.encode_text(vocabulary)
+        scores = self._scores_on_device(batch, text.to(self.device), sizes)
+        if not isinstance(scores, torch.Tensor):  # assembled at the canvas already
+            return scores.dense().argmax(1)
+        scores = scores.float()
+        if scores.shape[-2:] != batch.shape[-2:]:
+            scores = F.interpolate(scores, size=batch.shape[-2:], mode="bilinear", align_corners=False)
+        return scores.argmax(1)
+
+    # -- encode once, decode any vocabulary -----------------------------------------------
+    @torch.inference_mode()
+    def encode(
+        self,
+        images,
+        *,
+        size=None,
+        sliding_window=None,
+        batch_size: int = 4,
+        image_format: str = "RGB",
+    ) -> ImageEncoding:
+        """The vocabulary-independent image pass of one image or a list / batch of them.
+
+        Returns an :class:`~onepass_ovs.encoding.ImageEncoding` (on this segmenter's device)
+        to pass to :meth:`segment` or :meth:`classify` with any vocabulary: each further
+        vocabulary costs only its text embeddings and the decoding, and gives the results
+        ``segment(images, vocabulary)`` gives. ``size``, ``sliding_window``, ``batch_size``
+        and ``image_format`` mean what they mean in :meth:`segment` and are fixed here.
+        Memory: the encodings of all the images are held (``emb.nbytes``).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        windows = window_layout(sliding_window, self.config.preprocess)
+        many = _is_batch(images)
+        inputs = list(images) if isinstance(images, (list, tuple)) else [images]
+        encoded: list[EncodedImage] = []
+        for start in range(0, len(inputs), batch_size):
+            chunk = to_tensors(inputs[start : start + batch_size], image_format, start if many else None)
+            encoded.extend(self._encode_chunk(chunk, size, batch_size, windows))
+        return ImageEncoding(
+            encoded, many, self.config.family, self.config.name, id(self.model), self.device
+        )
+
+    def _encode_chunk(self, images, size, batch_size, windows) -> list[EncodedImage]:
+        """:meth:`_predict`'s passes, keeping the encodings instead of decoding them."""
+        prepared = [prepare(img, self.config.preprocess, size) for img in images]
+        out: list = [None] * len(prepared)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, (canvas, geometry) in enumerate(prepared):
+            if windows is not None and windows.needed(geometry.padded):
+                passes = []
+                for boxes in window_chunks(geometry, windows, batch_size):
+                    batch = torch.stack([canvas[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes])
+                    encoding = self.encode_batch(batch, window_valid_sizes(geometry, boxes))
+                    passes.append(EncodedPass(encoding, boxes))
+                out[index] = EncodedImage(geometry, passes, windows=windows)
+            else:
+                groups.setdefault(geometry.padded, []).append(index)
+        for indices in groups.values():
+            for start in range(0, len(indices), batch_size):
+                batch_ids = indices[start : start + batch_size]
+                batch = torch.stack([prepared[i][0] for i in batch_ids])
+                sizes = [prepared[i][1].resized for i in batch_ids]
+                shared = EncodedPass(self.encode_batch(batch, sizes))
+                for row, i in enumerate(batch_ids):
+                    out[i] = EncodedImage(prepared[i][1], [shared], row=row)
+        return out
+
+    @torch.inference_mode()
+    def encode_batch(self, batch: torch.Tensor, sizes) -> dict:
+        """(B, 3, Hp, Wp) padded [0, 1] images -> the model's encoding (on the device)."""
+        batch = self._model_input(batch)
+        with self._autocast():
+            return keep_for_decoding(self._encode(batch, sizes))
+
+    @torch.inference_mode()
+    def decode_batch(self, encoding: dict, text: torch.Tensor):
+        """An encoding + (K, E) text -> (B, K, h, w) scores on the CPU (tensor or lazy).
+        Encodings held elsewhere (``emb.to("cpu")`` to spare GPU memory) are moved here."""
+        encoding = map_tensors(encoding, lambda t: t.to(self.device))
+        with self._autocast():
+            return self.model.decode_scores(encoding, text).float().cpu()
+
+    def _check_encoding(self, encoding: ImageEncoding, masks, size, sliding_window) -> None:
+        if encoding.model_id != id(self.model):
+            raise ValueError(
+                f"this ImageEncoding was made by another model ({encoding.family}/"
+                f"{encoding.model_name}); encode the images with this segmenter"
+            )
+        fixed = {"masks": masks, "size": size, "sliding_window": sliding_window}
+        given = [name for name, value in fixed.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} cannot be given with an ImageEncoding: size and "
+                "sliding_window are fixed by encode(); masks need segment(images, ...)"
+            )
+
+    def _vocabulary_text(self, vocabulary, background) -> _Vocabulary:
+        classes = list(vocabulary) if not isinstance(vocabulary, str) else vocabulary
+        synonyms = parse_vocabulary(classes)
+        background_index = _background_index(classes, synonyms, background)
+        entries, num_background = classes, 0
+        if background_index is not None:
+            entries = [c for i, c in enumerate(classes) if i != background_index]
+            entries += list(synonyms[background_index])
+            num_background = len(synonyms[background_index])
+        text = self.encode_text(entries).to(self.device)
+        unknown_label = UNKNOWN if background_index is None else background_index
+        return _Vocabulary(list(classes), text, background_index, num_background, unknown_label)
+
+    def _decode(self, encoding: ImageEncoding, vocab: _Vocabulary):
+        """Yield (scores (K, h, w), Geometry) per encoded image, in order."""
+        multiple = self.config.preprocess.pad_multiple
+        decoded: dict[int, object] = {}  # shared whole-image passes, decoded once
+        for image in encoding.images:
+            if image.windows is None:
+                shared = image.passes[0]
+                if id(shared) not in decoded:
+                    decoded[id(shared)] = self.decode_batch(shared.encoding, vocab.text)
+                scores = decoded[id(shared)][image.row]
+            else:
+                outputs = (
+                    (p.boxes, self.decode_batch(p.encoding, vocab.text)) for p in image.passes
+                )
+                scores = blend_windows(outputs, image.geometry, image.windows, multiple)
+            if vocab.background_index is not None:
+                scores = _merge_background(scores, vocab.background_index, vocab.num_background)
+            yield scores, image.geometry
+
+    @torch.inference_mode()
+    def classify(
+        self,
+        images,
+        vocabulary: Sequence[str],
+        *,
+        background: str | None = None,
+        **encode_kwargs,
+    ):
+        """Which classes are in the image: {class name: presence score}, highest first.
+
+        ``images``: an :class:`~onepass_ovs.encoding.ImageEncoding` from :meth:`encode`
+        (cheap: text + decoding only) or anything :meth:`encode` takes (encoded first, with
+        ``encode_kwargs``). Returns one dict per image (a list for a list of images).
+
+        The presence score of a class is the highest probability it reaches at any pixel of
+        the image (probabilities normalised over the vocabulary, taken at the model's output
+        resolution over the unpadded region): in [0, 1] (the top class at least 1/K), it says "some region looks most
+        like this class, this confidently", not how much of the image it covers (for that,
+        ``segment(...).fractions()``). ``background`` merges that entry's synonyms as in
+        :meth:`segment`.
+        """
+        if isinstance(images, ImageEncoding):
+            if encode_kwargs:
+                raise ValueError(
+                    f"{sorted(encode_kwargs)} cannot be given with an ImageEncoding"
+                )
+            encoding = images
+            self._check_encoding(encoding, None, None, None)
+        else:
+            encoding = self.encode(images, **encode_kwargs)
+        vocab = self._vocabulary_text(vocabulary, background)
+        out = []
+        for scores, geometry in self._decode(encoding, vocab):
+            presence = presence_scores(scores, geometry).tolist()
+            ranked = sorted(zip(vocab.classes, presence, strict=True), key=lambda kv: -kv[1])
+            out.append(dict(ranked))
+        return out if encoding.many else out[0]
 
     def __repr__(self) -> str:
         cfg = self.config
         return f"Segmenter(family={cfg.family!r}, name={cfg.name!r}, device={self.device})"
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """What :meth:`Segmenter.optimize` switched on."""
+
+    autocast: torch.dtype | None
+    channels_last: bool
+    compile_backend: str | None
+
+
+@dataclass
+class _Vocabulary:
+    """A parsed vocabulary and its text embeddings (background synonyms last)."""
+
+    classes: list[str]
+    text: torch.Tensor
+    background_index: int | None
+    num_background: int
+    unknown_label: int
 
 
 def _background_index(classes: list[str], synonyms, background: str | None) -> int | None:
@@ -387,4 +747,4 @@ def _progress(total: int, progress: bool | None):
     return tqdm(total=total, desc="segment", unit="img")
 
 
-__all__ = ["Segmenter", "build_model", "Geometry"]
+__all__ = ["Segmenter", "build_model", "Geometry", "ImageEncoding"]

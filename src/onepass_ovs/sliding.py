@@ -68,6 +68,21 @@ def window_layout(sliding_window, pre: PreprocessConfig) -> Windows | None:
     return Windows(window, stride, pre.window_blend)
 
 
+def window_chunks(geometry: Geometry, windows: Windows, batch_size: int) -> list[list[tuple]]:
+    """The windows (y0, x0, y1, x1) of an image on its padded canvas, grouped into the
+    passes :func:`slide` runs: up to ``batch_size`` windows, about a megapixel, per pass."""
+    boxes = window_boxes(geometry.padded, windows.window, windows.stride)
+    y0, x0, y1, x1 = boxes[0]
+    per_pass = max(1, min(batch_size, _WINDOW_PIXELS_PER_PASS // ((y1 - y0) * (x1 - x0))))
+    return [boxes[start : start + per_pass] for start in range(0, len(boxes), per_pass)]
+
+
+def window_valid_sizes(geometry: Geometry, chunk: list[tuple]) -> list[tuple[int, int]]:
+    """The valid (unpadded) (h, w) of each window: windows never lie wholly in padding."""
+    h1, w1 = geometry.resized
+    return [(min(h1 - y0, y1 - y0), min(w1 - x0, x1 - x0)) for y0, x0, y1, x1 in chunk]
+
+
 def slide(
     run: Callable,
     canvas: torch.Tensor,
@@ -79,17 +94,22 @@ def slide(
     """Run ``run(batch, valid_sizes, boxes) -> (b, C, h, w)`` on overlapping windows of a
     (3, Hp, Wp) canvas and blend the outputs -> (C, Hp / s, Wp / s), s the output stride.
     """
-    (hp, wp), (h1, w1) = geometry.padded, geometry.resized
-    boxes = window_boxes((hp, wp), windows.window, windows.stride)
-    y0, x0, y1, x1 = boxes[0]
-    per_pass = max(1, min(batch_size, _WINDOW_PIXELS_PER_PASS // ((y1 - y0) * (x1 - x0))))
+    chunks = window_chunks(geometry, windows, batch_size)
+
+    def outputs():
+        for chunk in chunks:
+            batch = torch.stack([canvas[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
+            yield chunk, run(batch, window_valid_sizes(geometry, chunk), chunk)
+
+    return blend_windows(outputs(), geometry, windows, multiple)
+
+
+def blend_windows(outputs, geometry: Geometry, windows: Windows, multiple: int) -> torch.Tensor:
+    """Blend per-window outputs: ``outputs`` yields (boxes, (b, C, h, w) scores or lazy
+    scores) per pass, in :func:`window_chunks` order -> (C, Hp / s, Wp / s)."""
+    hp, wp = geometry.padded
     total = weights = weight = None
-    for start in range(0, len(boxes), per_pass):
-        chunk = boxes[start : start + per_pass]
-        batch = torch.stack([canvas[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
-        # the valid (unpadded) part of each window: windows never lie wholly in padding
-        sizes = [(min(h1 - y0, y1 - y0), min(w1 - x0, x1 - x0)) for y0, x0, y1, x1 in chunk]
-        out = run(batch, sizes, chunk)
+    for chunk, out in outputs:
         if not isinstance(out, torch.Tensor):  # lazy scores (DeOP's assembly): evaluate
             out = out.dense()
         out = out.float().cpu()
