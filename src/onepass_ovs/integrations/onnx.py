@@ -9,7 +9,7 @@
 
 The image graph's inputs are ``images`` (B, 3, H, W) float32 in [0, 1], zero-padded to
 the config's pad multiple; ``valid`` (B, 1, H, W) float32, 1 inside each image and 0 in
-its padding; ``text_embeddings`` (K, E) (GKC: (K, S, E)), so the vocabulary stays open.
+its padding; ``text_embeddings`` (K, E) (SED: (K, templates, E)), so the vocabulary stays open.
 Batch, H, W and K are dynamic axes. Outputs:
 
 - clip, SED: ``scores`` (B, K, h, w) class probabilities (stride p for clip, 4 for SED);
@@ -345,7 +345,7 @@ class OnnxImageModel(nn.Module):
         )
 
     def text(self, vocabulary: Sequence[str]) -> torch.Tensor:
-        """(K, E) normalised class embeddings (GKC: (K, S, E)), computed in torch."""
+        """(K, E) normalised class embeddings (SED: (K, templates, E)), computed in torch."""
         return self._skeleton.text(vocabulary)
 
     def encode_image(self, images: torch.Tensor, image_sizes=None):
