@@ -124,3 +124,18 @@ def test_ray_recipe_matches_in_process(demo, example, tmp_path):
         stored = np.asarray(Image.open(out / "label_maps" / f"{path.stem}.png"))
         assert np.array_equal(stored, ref.label_map.astype(np.uint8))  # byte-identical
         assert json.loads(rows[path.stem]) == pytest.approx(ref.fractions())
+
+
+def test_segment_from_onnx_folder(demo, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from onepass_ovs.integrations.onnx import OnnxImageModel
+
+    folder = demo.export_onnx(tmp_path / "onnx")
+    segment = Segment(str(folder), VOCABULARY)
+    assert isinstance(segment.segmenter.model, OnnxImageModel)
+    images = scenes.render_scenes(seed=5, n=2, size=96).images
+    out = segment({"image": images})
+    expected = demo.segment(list(images), VOCABULARY)
+    agreement = np.mean([(got == ref.label_map).mean()
+                         for got, ref in zip(out["label_map"], expected, strict=True)])
+    assert agreement >= 0.995
