@@ -245,6 +245,20 @@ class Segmenter:
                 commit_message=commit_message, revision=revision,
             )
 
+    def export_onnx(self, directory: str | os.PathLike, **kwargs) -> Path:
+        """Write an ONNX folder (image graph + text weights + config) for
+        :meth:`from_onnx`; see :mod:`onepass_ovs.integrations.onnx`. Needs ``[onnx]``."""
+        from .integrations.onnx import export_onnx
+
+        return export_onnx(self, directory, **kwargs)
+
+    @classmethod
+    def from_onnx(cls, directory: str | os.PathLike, *, providers=None, session_options=None):
+        """A Segmenter whose image side runs on onnxruntime (folder from :meth:`export_onnx`)."""
+        from .integrations.onnx import from_onnx
+
+        return from_onnx(cls, directory, providers=providers, session_options=session_options)
+
     def to(self, device=None, dtype=None) -> Segmenter:
         if device is not None:
             self.device = _device(device)

@@ -19,7 +19,10 @@ def normalise(images: torch.Tensor, mean, std, valid: torch.Tensor | None) -> to
 
 def valid_region(image_sizes, shape, device, dtype) -> torch.Tensor | None:
     """(B, 1, H, W) 1 inside each image's valid (unpadded) region, 0 in the padding;
-    None when every image fills the canvas."""
+    None when every image fills the canvas. ``image_sizes`` may also be that (B, 1, H, W)
+    mask itself (the ONNX export passes the valid region as graph data)."""
+    if isinstance(image_sizes, torch.Tensor):
+        return image_sizes.to(device=device, dtype=dtype)
     b, _, h, w = shape
     if image_sizes is None or all(tuple(s) == (h, w) for s in image_sizes):
         return None

@@ -207,7 +207,7 @@ def interpolate_positions(table: torch.Tensor, grid: tuple[int, int]) -> torch.T
 
     The CLS row is kept as it is. Returns the table itself when sizes already match.
     """
-    n = table.shape[0] - 1
+    n = int(table.shape[0]) - 1  # int(): a constant when traced for ONNX export
     side = int(round(n**0.5))
     if side * side != n:
         raise ValueError(f"position table with {n} patch rows is not a square grid")

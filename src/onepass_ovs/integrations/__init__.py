@@ -1,0 +1,1 @@
+"""Bridges to other runtimes and engines (ONNX Runtime, Ray Data); each needs its optional extra."""
