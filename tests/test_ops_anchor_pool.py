@@ -45,7 +45,7 @@ def _scaled_reference(scale):
 def assert_matches_reference(inputs, out_fn, scale, tolerance):
     """Checks the output of ``out_fn(*inputs)`` and all four gradients."""
     out = out_fn(*inputs)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, inputs, grad_out)
     expected_out, expected_grads = reference_grads(_scaled_reference(scale), inputs, grad_out)
     assert out.dtype == inputs[0].dtype and out.shape == expected_out.shape
@@ -332,13 +332,19 @@ def test_cuda_triton_matches_reference(dtype, shape):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_triton_memory_does_not_grow_with_n_times_l():
-    q, k, v, gate = (t.detach().cuda().half() for t in make_anchor_inputs(1, 8, 100, 16384, 64))
-    inputs_bytes = sum(t.numel() * t.element_size() for t in (q, k, v, gate))
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    anchor_pool(q, k, v, gate, backend="triton")
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    dense_scores = 8 * 100 * 16384 * 4  # one fp32 (B, H, N, L) tensor
-    assert extra < 0.1 * dense_scores, (extra, inputs_bytes)
+    """The fused kernel's extra memory is flat in L (its split buffers depend on the GPU's
+    multiprocessor count, not on L) and far below one dense (B, H, N, L) score tensor."""
+
+    def extra_bytes(seq_l):
+        q, k, v, gate = (t.detach().cuda().half() for t in make_anchor_inputs(1, 8, 100, seq_l, 64))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        anchor_pool(q, k, v, gate, backend="triton")
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    small, large = extra_bytes(16384), extra_bytes(65536)
+    assert large <= 1.05 * small + 2**16, (small, large)  # flat in L
+    dense_scores = 8 * 100 * 65536 * 4  # one fp32 (B, H, N, L) tensor
+    assert large < 0.05 * dense_scores, large
