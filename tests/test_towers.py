@@ -261,3 +261,36 @@ def test_convnext_tower_dense_head_matches_encode_image():
     res5 = stages[-1]
     pixel = clip.visual.head(clip.visual.trunk.head.norm(res5[:, :, 1:2, 2:3]).flatten(1))
     torch.testing.assert_close(tower.embed(res5)[:, :, 1, 2], pixel, atol=1e-5, rtol=1e-5)
+
+
+def test_interpolated_positions_are_reused_without_gradients_and_never_stale():
+    from onepass_ovs.models import towers
+
+    visual = create_clip(ClipConfig(model_cfg=copy.deepcopy(TINY_CLIP_CFG))).visual.eval()
+    dense = DenseViT(visual, learned_pos_grid=4, learned_pos_blocks=(1,))
+    images = torch.randn(1, 3, 96, 64)
+    calls = []
+    original = towers.interpolate_positions
+
+    def counting(table, grid):
+        calls.append(grid)
+        return original(table, grid)
+
+    towers.interpolate_positions = counting
+    try:
+        with torch.no_grad():
+            first, _ = dense(images)
+            assert len(calls) == 3  # CLIP's table + 2 learned tables
+            again, _ = dense(images)
+            assert len(calls) == 3  # reused
+            torch.testing.assert_close(first, again, atol=0, rtol=0)
+            dense.learned_pos[0].add_(torch.randn_like(dense.learned_pos[0]))  # an optimiser step
+            moved, _ = dense(images)
+        assert len(calls) == 4
+        assert (moved - first).abs().max() > 1e-3
+        with torch.enable_grad():  # training: tables interpolated afresh, gradients flow
+            out, _ = dense(images)
+            out.sum().backward()
+        assert dense.learned_pos[0].grad is not None
+    finally:
+        towers.interpolate_positions = original
