@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -230,3 +231,26 @@ def test_padding_is_zero_in_normalised_space():
     assert out[1, :, 5:].abs().max() == 0 and out[1, :, :, 7:].abs().max() == 0
     assert out[1, :, :5, :7].abs().min() > 0
     assert valid_region([(8, 12)], (1, 3, 8, 12), None, torch.float32) is None
+
+
+def test_label_map_pruning_of_assembled_scores_is_exact():
+    """Large vocabularies: only classes whose bound can win in a band are assembled at full
+    resolution; the label map equals the argmax over all classes."""
+    seg = Segmenter.from_config("deop-tiny", seed=0)
+    with torch.no_grad():
+        seg.model.proposals.mask_embed.layers[-1].weight.mul_(30)
+    vocab = [f"class {i}" for i in range(300)]
+    image = torch.rand(3, 70, 90, generator=torch.Generator().manual_seed(2))
+    res = seg.segment(image, vocab)
+    probs = res.probs  # every class, no pruning
+    top2 = np.sort(probs, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-6
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(res.label_map[clear], probs.argmax(0)[clear])
+    from onepass_ovs.images import prepare, to_tensor
+
+    canvas, geometry = prepare(to_tensor(image)[0], seg.config.preprocess)
+    with torch.no_grad():
+        scores = seg.model.predict_scores(canvas[None], seg.encode_text(vocab), [geometry.resized])
+    kept = scores.candidates(torch.arange(0, 8))
+    assert 0 < len(kept) < len(vocab)  # the bound prunes

@@ -326,8 +326,12 @@ class SegmentationResult:
         full-width maps at a time.
         """
         k = len(self.classes)
-        scores = self._scores if class_ids is None else self._scores[class_ids]
-        num = k if class_ids is None else scores.shape[0]
+        lazy = not isinstance(self._scores, torch.Tensor)
+        if class_ids is None:
+            scores = None
+        else:
+            scores = self._scores.take(class_ids) if lazy else self._scores[class_ids]
+        num = k if class_ids is None else len(class_ids)
         w0 = self.size[1]
         out = np.empty((bottom - top, w0), dtype=np.int32)
         step = _band_rows(min(num, _CLASS_CHUNK), w0)
@@ -335,10 +339,12 @@ class SegmentationResult:
             band_bottom = min(band_top + step, bottom)
             best_score = best_index = None
             for start in range(0, num, _CLASS_CHUNK):
-                chunk = (
-                    self._classes(start, start + _CLASS_CHUNK) if class_ids is None
-                    else scores[start : start + _CLASS_CHUNK]
-                )
+                if class_ids is None:
+                    chunk = self._classes(start, start + _CLASS_CHUNK)
+                elif lazy:
+                    chunk = scores.select(start, start + _CLASS_CHUNK)
+                else:
+                    chunk = scores[start : start + _CLASS_CHUNK]
                 up = self._upsampler.rows(chunk, band_top, band_bottom)
                 value, index = up.max(0)
                 if best_score is None:
@@ -374,8 +380,14 @@ class SegmentationResult:
         h0 = self.size[0]
         scores = self._scores
         if not isinstance(scores, torch.Tensor):
-            # lazy full-resolution scores (DeOP's assembly): no low-resolution cells to bound
-            yield 0, h0, None
+            # lazy assembled scores (DeOP, GKC): bounds from the masks over each band's rows
+            if k <= _PRUNE_MIN_CLASSES:
+                yield 0, h0, None
+                return
+            for top in range(0, h0, _MERGE_ROWS):
+                bottom = min(top + _MERGE_ROWS, h0)
+                rows = torch.unique(self._upsampler.rows_index[top:bottom])
+                yield top, bottom, scores.candidates(rows)
             return
         # scores are >= 0, so a non-finite sum means a NaN / inf somewhere (or an overflow):
         # leave those to the plain argmax, which is the reference behaviour
