@@ -234,3 +234,21 @@ def test_version_and_help(tmp_path):
         assert run.returncode == 0 and "…" not in run.stdout, run.stdout
     flat = " ".join(run.stdout.split())
     assert "images/<stem>.jpg|png, masks/<stem>.png" in flat
+
+
+def test_cli_waits_passively_unless_told_otherwise(tmp_path):
+    """OpenMP spin-waiting makes a busy machine many times slower: the CLI sets
+    OMP_WAIT_POLICY=PASSIVE before torch loads, and respects a value the user set."""
+    probe = (
+        "import os; os.environ.pop('OMP_WAIT_POLICY', None) if {clear} else None; "
+        "import onepass_ovs.cli, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    env.pop("OMP_WAIT_POLICY", None)
+    out = subprocess.run([sys.executable, "-c", probe.format(clear=True)], env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", probe.format(clear=False)], env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "ACTIVE"

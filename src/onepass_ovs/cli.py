@@ -8,8 +8,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import typer
-from typer.core import TyperCommand
+# OpenMP threads that spin while waiting make a busy machine 10-100x slower (each process
+# burns its cores waiting for the others): the CLI waits passively unless told otherwise.
+# This must happen before torch (and its OpenMP runtime) is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import typer  # noqa: E402
+from typer.core import TyperCommand  # noqa: E402
 
 # Training-free ViT-B/16 CLIP: works on any vocabulary without a trained head. Offline and
 # not cached, loading it fails at once with a message pointing at `--model demo`.
