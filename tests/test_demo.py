@@ -62,3 +62,23 @@ def test_demo_clip_is_usable_training_free():
     result = seg.segment(image, list(scenes.CLASS_NAMES))
     assert result.label_map.shape == (128, 128)
     assert np.isfinite(result.probs).all()
+
+
+def test_demo_windows_suit_the_model(demo, monkeypatch):
+    """The demo works at 128 px: large images at their own size are cut into windows a few
+    times that size (not 1024 px windows, whose attention cost grows with the square of
+    the tokens), and the label map still covers the whole image."""
+    pre = demo.config.preprocess
+    assert pre.window <= 2 * pre.short_side
+    seen = []
+    original = demo.model.predict_scores
+
+    def spy(images, *args, **kwargs):
+        seen.append(tuple(images.shape[-2:]))
+        return original(images, *args, **kwargs)
+
+    monkeypatch.setattr(demo.model, "predict_scores", spy)
+    image = (np.random.default_rng(0).random((300, 420, 3)) * 255).astype(np.uint8)
+    res = demo.segment(image, ["red circle", "background"], size="original")
+    assert res.label_map.shape == (300, 420)
+    assert seen and max(max(s) for s in seen) <= pre.window

@@ -69,7 +69,7 @@ def demo_config(clip_cfg: dict) -> ModelConfig:
     return ModelConfig(
         family="deop",
         name="demo",
-        preprocess=PreprocessConfig(short_side=128, max_long_side=512, pad_multiple=32),
+        preprocess=PreprocessConfig(short_side=128, max_long_side=512, pad_multiple=32, window=256),
         clip=ClipConfig(
             model_name="ovs-shapes-clip",
             model_cfg=copy.deepcopy(clip_cfg),
