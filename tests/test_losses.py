@@ -226,7 +226,7 @@ def test_set_criterion_batch_without_any_target():
 
 
 def slow_assembled_loss(mask_logits, class_logits, labels, sigmoid_first=False):
-    """METHODS.md 1.2 written out with an explicit one-hot target, in float64."""
+    """docs/methods.md section 1, "Training" written out with an explicit one-hot target, in float64."""
     mask_logits, class_logits = mask_logits.double(), class_logits.double()
     batch, queries = class_logits.shape[:2]
     channels = class_logits.shape[-1]

@@ -69,7 +69,7 @@ def test_forward_backward_shapes_and_detached_aux(images):
 
 
 def test_decoder_parameter_count_of_sed_b():
-    """METHODS.md: the SED-B decoder has 1.38M parameters."""
+    """docs/methods.md and the authors' code: the SED-B decoder has 1.38M parameters."""
     model = build_model(preset_config("sed-convnext-b"))
     count = sum(p.numel() for p in model.decoder.parameters())
     assert abs(count - 1.38e6) < 0.01e6, count

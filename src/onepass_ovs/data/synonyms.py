@@ -1,4 +1,4 @@
-"""Synonym sets per training class, for GKC's text diversification (METHODS.md section 3).
+"""Synonym sets per training class, for GKC's text diversification (docs/methods.md section 4).
 
 Three sources, merged by :func:`build_synonym_sets`:
 

@@ -1,5 +1,5 @@
 """SED: a ConvNeXt CLIP cost map refined by a gradual-fusion decoder, with category early
-rejection (Xie et al., CVPR 2024; METHODS.md section 2).
+rejection (Xie et al., CVPR 2024; docs/methods.md section 3).
 
 Data flow for images (B, 3, H, W) in [0, 1], H and W multiples of 32, and K classes:
 

@@ -1,6 +1,6 @@
 """Training-free segmentation with any open_clip ViT: ONE CLIP pass, dense classification.
 
-Data flow (METHODS.md 1.3 "DeOP demo" and 4 "ClearCLIP"), images (B, 3, H, W) in [0, 1],
+Data flow (docs/methods.md section 2), images (B, 3, H, W) in [0, 1],
 H and W multiples of the patch size p:
 
 1. the CLIP ViT at native resolution (positions interpolated to the grid h = H/p, w = W/p)

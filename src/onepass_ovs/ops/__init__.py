@@ -1,4 +1,4 @@
-"""Fused attention-mask ops of DeOP (METHODS.md section 1.1, steps 4 and 6).
+"""Fused attention-mask ops of DeOP (docs/methods.md section 1, steps 3 and 5).
 
 * ``anchor_pool(q, k, v, gate)``: CAL heatmap pooling, ``(softmax_L(q k^T) * gate) @ v``
   with the gate applied after the softmax and no renormalisation. Fused Triton kernels

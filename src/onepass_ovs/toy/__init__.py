@@ -1,4 +1,4 @@
-"""The shapes world: a CPU-sized open-vocabulary segmentation benchmark (SHAPES_WORLD.md).
+"""The shapes world: a CPU-sized open-vocabulary segmentation benchmark (docs/shapes_world.md).
 
 - :mod:`~onepass_ovs.toy.scenes`: rendered scenes, exact label maps, captions.
 - :mod:`~onepass_ovs.toy.export`: scenes written as a dataset folder.

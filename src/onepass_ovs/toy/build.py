@@ -5,7 +5,7 @@
     python -m onepass_ovs.toy.build --output runs/demo --install      # ... and ship it as `demo`
     python -m onepass_ovs.toy.build --output /tmp/q --quick --ablations  # smoke run, minutes
 
-Steps (SHAPES_WORLD.md "Protocol"):
+Steps (docs/shapes_world.md):
 
 1. pretrain the tiny CLIP (ViT with a convolutional stem) contrastively on (scene,
    caption) pairs -- image-level captions only, all 30 classes and the background

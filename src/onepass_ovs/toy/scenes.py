@@ -1,6 +1,6 @@
 """The shapes world: procedurally rendered scenes, exact label maps and captions.
 
-Follows ``SHAPES_WORLD.md``: six colours x five shapes = 30 object classes plus
+Follows ``docs/shapes_world.md``: six colours x five shapes = 30 object classes plus
 "background"; 1 to 4 filled, rotated, possibly occluding shapes on a smooth
 low-saturation grey/brown texture.
 

@@ -1,5 +1,5 @@
 """GKC's training-only pieces as pure functions: text-guided knowledge distillation (the
-loss and the teacher's region inputs) and synonym sampling (METHODS.md section 3). No
+loss and the teacher's region inputs) and synonym sampling (docs/methods.md section 4). No
 trainer here. The teacher is a frozen CLIP in eval mode (the authors' code leaves it in
 train mode, so its BatchNorms use batch statistics; we do not).
 

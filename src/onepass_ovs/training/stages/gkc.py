@@ -1,4 +1,4 @@
-"""Training GKC (METHODS.md section 3): Hungarian matching, mask-classification losses,
+"""Training GKC (docs/methods.md section 4): Hungarian matching, mask-classification losses,
 text diversification (synonyms) and text-guided knowledge distillation.
 
 Per decoder output (the learnable queries' prediction and each of the decoder layers),

@@ -1,4 +1,4 @@
-"""Training SED (METHODS.md section 2): the decoder and, at lr x 0.01, the CLIP image tower.
+"""Training SED (docs/methods.md section 3): the decoder and, at lr x 0.01, the CLIP image tower.
 
 From the command line (docs/sed.md)::
 
