@@ -16,7 +16,9 @@ _EPS = 1e-8
 _CLASS_CHUNK = 64  # classes resized at once: bounds memory for huge vocabularies
 _BAND_BYTES = 32 * 2**20  # rows of the full-size maps made at once: bounds memory for huge images
 _PRUNE_MIN_CLASSES = 2  # label maps of fewer classes upsample every class
-_MERGE_ROWS = 24  # output rows labelled together (their candidate classes merged)
+_MERGE_ROWS = 24
+_TILE = 16  # output columns per tile when bounding assembled scores (DeOP, GKC)
+_TILE_GROUP = 32  # tiles whose candidates are scored together  # output rows labelled together (their candidate classes merged)
 _PRUNE_BYTES = 16 * 2**20  # low-resolution window max/min computed this many bytes at a time
 # Relative slack on the "can this class win" bound: the blended scores are float32 sums
 # whose rounding can stray a few ulps beyond the exact convex combination.
@@ -304,6 +306,8 @@ class SegmentationResult:
         much as the handful that compete in each region.
         """
         h0, w0 = self.size
+        if not isinstance(self._scores, torch.Tensor) and len(self.classes) > _PRUNE_MIN_CLASSES:
+            return self._assembled_label_map()
         labels = np.empty((h0, w0), dtype=np.int32)
         band_top, band_ids = 0, []
         for top, bottom, class_ids in self._candidate_bands():
@@ -317,6 +321,61 @@ class SegmentationResult:
                 merged = torch.unique(torch.cat(band_ids))
                 labels[band_top:bottom] = self._label_rows(band_top, bottom, merged)
                 band_top, band_ids = bottom, []
+        return labels
+
+    def _assembled_label_map(self) -> np.ndarray:
+        """The label map of assembled scores (DeOP, GKC) without K full-size maps.
+
+        Assembly is linear: the full-size score of class c at pixel x is
+        sum_n p_n[c] m_n(x), where m_n is mask n's sigmoid map carried to the output pixel
+        by the same bilinear resizing as the scores. So only the N mask maps are resized;
+        per tile of output pixels each m_n lies in [lo_n, hi_n], a class whose best case
+        sum_n p_n[c] hi_n is below another's worst case sum_n p_n[c] lo_n cannot win there,
+        and the argmax runs over each tile's remaining candidates (ties: the lowest class
+        index, as the argmax of :attr:`probs`).
+        """
+        k = len(self.classes)
+        h0, w0 = self.size
+        probs = self._scores.probs[0].float()  # (N, K)
+        n = probs.shape[0]
+        masks = self._scores.mask_maps()
+        total_weight = probs.sum(1)  # (N,): sum over classes, for the unknown test
+        labels = np.empty((h0, w0), dtype=np.int32)
+        pad = (-w0) % _TILE
+        rows_per_band = max(1, min(_MERGE_ROWS, _BAND_BYTES // (4 * n * (w0 + pad))))
+        for top in range(0, h0, rows_per_band):
+            bottom = min(top + rows_per_band, h0)
+            m = self._upsampler.rows(masks, top, bottom)  # (N, r, W0)
+            r = m.shape[1]
+            tiles = F.pad(m, (0, pad)).view(n, r, -1, _TILE)  # (N, r, tiles, T)
+            lo = tiles.amin((1, 3))
+            hi = tiles.amax((1, 3))
+            upper, lower = probs.t() @ hi, probs.t() @ lo  # (K, tiles)
+            candidate = upper >= lower.amax(0) * (1 - 1e-5) - 1e-7
+            best_score = torch.empty(r, tiles.shape[2], _TILE)
+            label = torch.empty(r, tiles.shape[2], _TILE, dtype=torch.long)
+            # tiles in groups of similar candidate counts, each padded to its own largest
+            counts = candidate.sum(0)
+            by_count = counts.argsort()
+            for group in by_count.split(_TILE_GROUP):
+                width = int(counts[group].max())
+                order = torch.sort(candidate[:, group].to(torch.uint8), dim=0, descending=True,
+                                   stable=True)
+                ids = order.indices[:width]  # (C, g): ascending class ids first
+                valid = order.values[:width].bool()
+                weights = probs[:, ids]  # (N, C, g)
+                scores = torch.einsum("nrtp,nct->rtpc", tiles[:, :, group], weights)
+                scores = scores.masked_fill(~valid.t()[None, :, None, :], float("-inf"))
+                value, best = scores.max(-1)  # (r, g, T)
+                best_score[:, group] = value
+                label[:, group] = ids.t()[torch.arange(len(group))[None, :, None], best]
+            best_score = best_score.reshape(r, -1)[:, :w0]
+            label = label.reshape(r, -1)[:, :w0].to(torch.int32)
+            if self.unknown_threshold is not None:
+                total = torch.einsum("nrw,n->rw", m, total_weight)
+                best_prob = (best_score + _EPS) / (total + k * _EPS)
+                label[best_prob < self.unknown_threshold] = self.unknown_label
+            labels[top:bottom] = label.numpy()
         return labels
 
     def _label_rows(self, top: int, bottom: int, class_ids: torch.Tensor | None) -> np.ndarray:

@@ -8,6 +8,7 @@ pass.
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -40,6 +41,20 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def parse_vocabulary(vocabulary: Sequence[str]) -> list[tuple[str, ...]]:
+    """Split each entry into its synonyms and validate the whole list (the last few
+    vocabularies' results are remembered: a vocabulary of thousands of names is checked
+    once, not per image). See :func:`_parse_vocabulary`."""
+    if isinstance(vocabulary, (list, tuple)) and all(isinstance(v, str) for v in vocabulary):
+        return list(_parse_remembered(tuple(vocabulary)))
+    return _parse_vocabulary(vocabulary)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_remembered(vocabulary: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    return tuple(_parse_vocabulary(vocabulary))
+
+
+def _parse_vocabulary(vocabulary: Sequence[str]) -> list[tuple[str, ...]]:
     """Split each entry into its synonyms and validate the whole list.
 
     Returns one tuple of synonyms per class, in the given order. Raises ``ValueError``
@@ -123,6 +138,7 @@ class TextEncoder(nn.Module):
     # -- cache management ------------------------------------------------------------
     def clear_cache(self) -> None:
         self._cache.clear()
+        self.__dict__.setdefault("_vocabularies", OrderedDict()).clear()
 
     def train(self, mode: bool = True):
         self.clear_cache()
@@ -268,9 +284,18 @@ class TextEncoder(nn.Module):
         return F.normalize(emb, dim=-1)
 
     def forward(self, vocabulary: Sequence[str]) -> torch.Tensor:
-        """(K, E) normalised class embeddings for a vocabulary (synonyms averaged)."""
-        classes = parse_vocabulary(vocabulary)
+        """(K, E) normalised class embeddings for a vocabulary (synonyms averaged).
+
+        The last few vocabularies are remembered whole, so segmenting many images with a
+        vocabulary of thousands of classes does not rebuild its (K, E) matrix each time.
+        """
         use_cache = not (self.training and torch.is_grad_enabled())
+        vocabularies = self.__dict__.setdefault("_vocabularies", OrderedDict())
+        key = tuple(vocabulary) if not isinstance(vocabulary, str) else None
+        if use_cache and key in vocabularies:
+            vocabularies.move_to_end(key)
+            return vocabularies[key]
+        classes = parse_vocabulary(vocabulary)
         names = sorted({n for syn in classes for n in syn})
         self.check_distinct(names)
         if use_cache:
@@ -292,4 +317,9 @@ class TextEncoder(nn.Module):
         for synonyms in classes:
             e = torch.stack([lookup[n] for n in synonyms]).mean(0)
             rows.append(F.normalize(e, dim=-1))
-        return torch.stack(rows)
+        out = torch.stack(rows)
+        if use_cache and key is not None:
+            vocabularies[key] = out
+            while len(vocabularies) > 8:
+                vocabularies.popitem(last=False)
+        return out

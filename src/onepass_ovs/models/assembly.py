@@ -98,6 +98,13 @@ class AssembledScores:
         """The classes ``class_ids`` (a LongTensor), in that order."""
         return self._with(self.mask_logits, self.probs[..., class_ids.to(self.probs.device)])
 
+    def mask_maps(self) -> AssembledScores:
+        """The sigmoid mask maps sigmoid(up(M_n)) of the first image as a lazy score map of
+        N "classes" (identity class probabilities): ``rows(index)`` -> (1, N, n, W)."""
+        n = self.mask_logits.shape[1]
+        identity = torch.eye(n, device=self.probs.device)[None]
+        return self._with(self.mask_logits[:1], identity)
+
     def candidates(self, index: torch.Tensor, margin: float = 1e-5) -> torch.Tensor:
         """Sorted ids of the classes that can be the best class at some pixel of the canvas
         rows ``index`` (any batch item).
@@ -156,5 +163,8 @@ class AssembledScores:
         return torch.cat(parts, 2)
 
     def dense(self) -> torch.Tensor:
-        """(B, K, H, W) dense scores, built in row chunks."""
-        return self.rows(torch.arange(self.canvas[0]))
+        """(B, K, H, W) dense scores: one matrix product over the proposals."""
+        masks = self._mask_rows(torch.arange(self.canvas[0]))  # (B, N, H, W)
+        b, n = masks.shape[:2]
+        out = torch.bmm(self.probs.float().transpose(1, 2), masks.flatten(2))  # (B, K, H*W)
+        return out.view(b, -1, *self.canvas)
