@@ -13,36 +13,18 @@ time is made of, and the ratio DeOP / GKC.
 
 from __future__ import annotations
 
-import argparse
 import platform
-import statistics
-import time
 
 import numpy as np
 import torch
-
-
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up (allocations, caches)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from _common import add_speed_arguments, parser_from_doc, timed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--gkc", default="gkc-clip-rn50")
     parser.add_argument("--deop", default="deop-vit-b16")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--classes", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
+    add_speed_arguments(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
