@@ -17,7 +17,7 @@ import platform
 
 import numpy as np
 import torch
-from _common import add_speed_arguments, parser_from_doc, timed
+from _common import add_speed_arguments, normalised_pass, parser_from_doc, timed
 
 
 def main() -> None:
@@ -32,7 +32,6 @@ def main() -> None:
         parser.error("--size must be a multiple of 32")
 
     from onepass_ovs import Segmenter
-    from onepass_ovs.models.preprocessing import normalise
 
     gkc = Segmenter.from_config(args.gkc, device=args.device, seed=0)
     deop = Segmenter.from_config(args.deop, device=args.device, seed=0)
@@ -45,21 +44,13 @@ def main() -> None:
     g, d = gkc.model, deop.model
     gpre, dpre = gkc.config.preprocess, deop.config.preprocess
 
-    @torch.inference_mode()
-    def gkc_backbone():
-        g.backbone(normalise(batch, gpre.mean, gpre.std, None))
+    gkc_backbone = normalised_pass(g.backbone, batch, gpre.mean, gpre.std)
+    deop_clip = normalised_pass(d.clip_visual, batch, dpre.clip_mean, dpre.clip_std)
+    deop_proposals = normalised_pass(d.proposals, batch, dpre.mean, dpre.std)
 
     @torch.inference_mode()
     def gkc_decoders():
         g.run_decoders(batch)
-
-    @torch.inference_mode()
-    def deop_clip():
-        d.clip_visual(normalise(batch, dpre.clip_mean, dpre.clip_std, None))
-
-    @torch.inference_mode()
-    def deop_proposals():
-        d.proposals(normalise(batch, dpre.mean, dpre.std, None))
 
     rows = {
         f"{args.gkc} segment()": timed(lambda: gkc.segment(image, vocab, size=work), args.repeat),

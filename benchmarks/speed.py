@@ -15,7 +15,7 @@ import platform
 
 import numpy as np
 import torch
-from _common import add_speed_arguments, parser_from_doc, timed
+from _common import add_speed_arguments, normalised_pass, parser_from_doc, timed
 
 
 def main() -> None:
@@ -41,13 +41,8 @@ def main() -> None:
     work = (args.size, args.size)  # working resolution = benchmark size for every path
     batch = torch.rand(1, 3, args.size, args.size, device=seg.device)
 
-    @torch.inference_mode()
-    def bare_clip():
-        model.clip_visual(normalise(batch, pre.clip_mean, pre.clip_std, None))
-
-    @torch.inference_mode()
-    def proposal_pass():
-        model.proposals(normalise(batch, pre.mean, pre.std, None))
+    bare_clip = normalised_pass(model.clip_visual, batch, pre.clip_mean, pre.clip_std)
+    proposal_pass = normalised_pass(model.proposals, batch, pre.mean, pre.std)
 
     @torch.inference_mode()
     def proposal_backbone():

@@ -110,3 +110,15 @@ def run_torchrun_stage(stage: str, data, model, output, *extra: str):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("saved the trained model") == 1  # rank 0 alone reports
     return result
+
+
+def train_full_and_interrupted(monkeypatch, common_module, train, fresh, dataset, config, root):
+    """``train(fresh(), dataset, config("full"))`` to the end, then the same run into
+    ``config("resumed")`` stopped by a KeyboardInterrupt at step 3, which must leave no
+    model in ``root / "resumed"`` (the caller resumes it and compares)."""
+    train(fresh(), dataset, config("full"))
+    restore_loss = crash_at_step(monkeypatch, common_module, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(), dataset, config("resumed"))
+    restore_loss()
+    assert not (Path(root) / "resumed" / "model.safetensors").exists()

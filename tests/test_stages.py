@@ -292,13 +292,9 @@ def test_interrupted_deop_stage_resumes_to_the_uninterrupted_result(
     def fresh():
         return Segmenter.from_pretrained(proposals_model, device="cpu")
 
-    train_deop(fresh(), dataset, config("full"))
-
-    restore_loss = helpers.crash_at_step(monkeypatch, _common, 3)
-    with pytest.raises(KeyboardInterrupt):
-        train_deop(fresh(), dataset, config("resumed"))
-    restore_loss()
-    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    helpers.train_full_and_interrupted(
+        monkeypatch, _common, train_deop, fresh, dataset, config, tmp_path
+    )
     train_deop(fresh(), dataset, config("resumed"), resume="auto")
 
     full = load_file(tmp_path / "full" / "model.safetensors")

@@ -152,13 +152,9 @@ def test_interrupted_sed_run_resumes_to_the_uninterrupted_result(data_root, tmp_
     def fresh():
         return Segmenter.from_config("sed-tiny", device="cpu", seed=5)
 
-    train_sed(fresh(), dataset, config("full"))
-
-    restore_loss = helpers.crash_at_step(monkeypatch, _common, 3)
-    with pytest.raises(KeyboardInterrupt):
-        train_sed(fresh(), dataset, config("resumed"))
-    restore_loss()
-    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    helpers.train_full_and_interrupted(
+        monkeypatch, _common, train_sed, fresh, dataset, config, tmp_path
+    )
     with pytest.raises(FileExistsError, match="resume"):
         train_sed(fresh(), dataset, config("resumed"))  # refuses to start over
     train_sed(fresh(), dataset, config("resumed"), resume="auto")
