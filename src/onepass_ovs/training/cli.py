@@ -77,7 +77,15 @@ RESUME = typer.Option(
 )
 WORKERS = typer.Option(2, "--workers", min=0, help="Data loader worker processes.")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show the progress bar.")
-CROP = typer.Option(None, "--crop-size", min=1, help="Training crop side (see the stage's help).")
+BACKBONE_LR_MULT = typer.Option(
+    0.1, "--backbone-lr-mult", min=0.0, help="lr multiplier of the backbone."
+)
+
+
+def crop_option(help: str) -> Any:
+    """The ``--crop-size`` option (default None: the stage's default); ``help`` says the
+    stage's default."""
+    return typer.Option(None, "--crop-size", min=1, help=help)
 
 
 # (name, type, option) of the options every stage takes, in --help order
@@ -200,9 +208,7 @@ def prompt(
         help="Learned context vectors to add when the model has none (default 16, or a "
         "quarter of a shorter text context).",
     ),
-    crop_size: int = typer.Option(
-        None, "--crop-size", min=1, help="Region crop side (default: CLIP's input size)."
-    ),
+    crop_size: int = crop_option("Region crop side (default: CLIP's input size)."),
     min_region_pixels: int = typer.Option(
         64, "--min-region-pixels", min=1, help="Smallest region that becomes a sample."
     ),
@@ -222,15 +228,8 @@ def prompt(
 @stage_command
 def proposals(
     options: dict[str, Any],
-    crop_size: int = typer.Option(
-        None,
-        "--crop-size",
-        min=1,
-        help="Square crop side, a multiple of 32 (default 1.25 x the model's short side: 640).",
-    ),
-    backbone_lr_mult: float = typer.Option(
-        0.1, "--backbone-lr-mult", min=0.0, help="lr multiplier of the backbone."
-    ),
+    crop_size: int = crop_option("Square crop side, a multiple of 32 (default 1.25 x the model's short side: 640)."),
+    backbone_lr_mult: float = BACKBONE_LR_MULT,
 ) -> None:
     """Stage 2: train the MaskFormer proposal generator by bipartite matching.
 
@@ -249,12 +248,7 @@ def proposals(
 @stage_command
 def deop(
     options: dict[str, Any],
-    crop_size: int = typer.Option(
-        None,
-        "--crop-size",
-        min=1,
-        help="Exact square crop side, a multiple of 32 (default: the model's short side, 512).",
-    ),
+    crop_size: int = crop_option("Exact square crop side, a multiple of 32 (default: the model's short side, 512)."),
     train_prompt: bool = typer.Option(
         False, "--train-prompt", help="Also train the learned prompt context."
     ),
@@ -281,12 +275,7 @@ def deop(
 @stage_command
 def sed(
     options: dict[str, Any],
-    crop_size: int = typer.Option(
-        None,
-        "--crop-size",
-        min=1,
-        help="Square crop side, a multiple of 32 (default: the model's short side, 768).",
-    ),
+    crop_size: int = crop_option("Square crop side, a multiple of 32 (default: the model's short side, 768)."),
     clip_lr_mult: float = typer.Option(
         0.01, "--clip-lr-mult", min=0.0, help="lr multiplier of the CLIP image tower."
     ),
@@ -332,15 +321,8 @@ def _synonym_sources(
 @stage_command
 def gkc(
     options: dict[str, Any],
-    crop_size: int = typer.Option(
-        None,
-        "--crop-size",
-        min=1,
-        help="Square crop side, a multiple of 32 (default: the model's short side, 512).",
-    ),
-    backbone_lr_mult: float = typer.Option(
-        0.1, "--backbone-lr-mult", min=0.0, help="lr multiplier of the backbone."
-    ),
+    crop_size: int = crop_option("Square crop side, a multiple of 32 (default: the model's short side, 512)."),
+    backbone_lr_mult: float = BACKBONE_LR_MULT,
     teacher: str = typer.Option(
         None,
         "--teacher",
