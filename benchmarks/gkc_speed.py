@@ -13,36 +13,18 @@ time is made of, and the ratio DeOP / GKC.
 
 from __future__ import annotations
 
-import argparse
 import platform
-import statistics
-import time
 
 import numpy as np
 import torch
-
-
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up (allocations, caches)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from _common import add_speed_arguments, normalised_pass, parser_from_doc, timed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--gkc", default="gkc-clip-rn50")
     parser.add_argument("--deop", default="deop-vit-b16")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--classes", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
+    add_speed_arguments(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,7 +32,6 @@ def main() -> None:
         parser.error("--size must be a multiple of 32")
 
     from onepass_ovs import Segmenter
-    from onepass_ovs.models.preprocessing import normalise
 
     gkc = Segmenter.from_config(args.gkc, device=args.device, seed=0)
     deop = Segmenter.from_config(args.deop, device=args.device, seed=0)
@@ -63,21 +44,13 @@ def main() -> None:
     g, d = gkc.model, deop.model
     gpre, dpre = gkc.config.preprocess, deop.config.preprocess
 
-    @torch.inference_mode()
-    def gkc_backbone():
-        g.backbone(normalise(batch, gpre.mean, gpre.std, None))
+    gkc_backbone = normalised_pass(g.backbone, batch, gpre.mean, gpre.std)
+    deop_clip = normalised_pass(d.clip_visual, batch, dpre.clip_mean, dpre.clip_std)
+    deop_proposals = normalised_pass(d.proposals, batch, dpre.mean, dpre.std)
 
     @torch.inference_mode()
     def gkc_decoders():
         g.run_decoders(batch)
-
-    @torch.inference_mode()
-    def deop_clip():
-        d.clip_visual(normalise(batch, dpre.clip_mean, dpre.clip_std, None))
-
-    @torch.inference_mode()
-    def deop_proposals():
-        d.proposals(normalise(batch, dpre.mean, dpre.std, None))
 
     rows = {
         f"{args.gkc} segment()": timed(lambda: gkc.segment(image, vocab, size=work), args.repeat),

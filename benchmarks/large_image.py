@@ -22,27 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import peak_rss_mb
+
 CASES = ("deop", "deop-original", "clip", "clip-original")
 VOCABULARY = ["person", "car", "tree", "sky", "road, street", "building", "background"]
 HEIGHT, WIDTH = 2000, 3000
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (VmHWM; ru_maxrss as a fallback)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_photo(path: Path) -> None:

@@ -20,27 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _common import parser_from_doc, peak_rss_mb
+
 ROOT = Path(__file__).resolve().parents[1]
 SCENE = ROOT / "examples" / "shapes_scene.png"
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "small", "large"]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (VmHWM; ru_maxrss as a fallback)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def vocabulary(size: int) -> list[str]:
@@ -153,7 +143,7 @@ def run_memory(size: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--classes", type=int, nargs="+", default=[20, 847, 3000])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)

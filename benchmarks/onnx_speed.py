@@ -12,27 +12,15 @@ Needs ``pip install 'onepass-ovs[onnx]'``.
 
 from __future__ import annotations
 
-import argparse
 import platform
-import statistics
 import tempfile
-import time
 
 import torch
-
-
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up (text cache, allocations, ORT graph optimisation)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from _common import parser_from_doc, timed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--models", default="demo:128,deop-tiny:256",
                         help="comma-separated name:size pairs (size = scene side in pixels)")
     parser.add_argument("--repeat", type=int, default=5)

@@ -16,14 +16,15 @@ more cores or GPUs than one process can use, or many machines).
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import time
 
+from _common import parser_from_doc
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--num", type=int, default=64)
     parser.add_argument("--size", type=int, default=128)

@@ -11,33 +11,17 @@ two-stream / one-pass (target >= 8x) and one-pass / (bare CLIP + proposal pass)
 
 from __future__ import annotations
 
-import argparse
 import platform
-import statistics
-import time
 
 import numpy as np
 import torch
-
-
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up (allocations, caches)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from _common import add_speed_arguments, normalised_pass, parser_from_doc, timed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--model", default="deop-vit-b16")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--classes", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
+    add_speed_arguments(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,13 +41,8 @@ def main() -> None:
     work = (args.size, args.size)  # working resolution = benchmark size for every path
     batch = torch.rand(1, 3, args.size, args.size, device=seg.device)
 
-    @torch.inference_mode()
-    def bare_clip():
-        model.clip_visual(normalise(batch, pre.clip_mean, pre.clip_std, None))
-
-    @torch.inference_mode()
-    def proposal_pass():
-        model.proposals(normalise(batch, pre.mean, pre.std, None))
+    bare_clip = normalised_pass(model.clip_visual, batch, pre.clip_mean, pre.clip_std)
+    proposal_pass = normalised_pass(model.proposals, batch, pre.mean, pre.std)
 
     @torch.inference_mode()
     def proposal_backbone():

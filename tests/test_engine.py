@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+import _stage_helpers as helpers
 from onepass_ovs.data import DatasetError
 from onepass_ovs.training import checkpoints
 from onepass_ovs.training.checkpoints import (
@@ -34,14 +35,7 @@ worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The models are tiny: thread hand-offs cost more than they save, badly so when other
-    # test processes share the cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+one_thread = helpers.one_thread  # autouse: one torch thread per test
 
 
 def read_log(output_dir) -> list[dict]:

@@ -8,7 +8,6 @@ Everything runs on CPU with ``gkc-tiny`` and 64 x 64 synthetic rectangles
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import _stage_helpers as helpers
 from onepass_ovs import Segmenter
 from onepass_ovs.config import CLIP_MEAN, CLIP_STD, ClipConfig
 from onepass_ovs.data import DatasetError, FolderDataset, semantic_to_instances
@@ -41,12 +41,6 @@ from onepass_ovs.training.gkc_offline import (
 from onepass_ovs.training.stages import STAGE_DEFAULTS, default_config, train_gkc
 from onepass_ovs.training.stages import gkc as gkc_stage
 
-_spec = importlib.util.spec_from_file_location(
-    "_stage_helpers", Path(__file__).with_name("_stage_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
-
 RECT_SYNONYMS = {
     "red box": ["crimson box", "scarlet box", "ruby box"],
     "green box": ["emerald box"],
@@ -55,17 +49,10 @@ RECT_SYNONYMS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+one_thread = helpers.one_thread  # autouse: one torch thread per test
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return helpers.write_rectangles(tmp_path_factory.mktemp("rectangles"), n=8)
+data_root = helpers.rectangles_fixture(n=8)
 
 
 def tiny_open_clip(resnet: bool = False, seed: int = 0):
@@ -536,27 +523,16 @@ def test_ovs_train_gkc_command(data_root, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_gkc_run_writes_one_model_and_shares_the_caches(data_root, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     from onepass_ovs.toy.clip import save_open_clip_folder
 
     synonyms = tmp_path / "synonyms.json"
     synonyms.write_text(json.dumps(RECT_SYNONYMS))
     clip_dir = save_open_clip_folder(*tiny_open_clip(), tmp_path / "clip")
     output = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "onepass_ovs.training.cli", "gkc", "--data", str(data_root), "--model", "gkc-tiny",
-        "--output", str(output), "--steps", "3", "--batch-size", "2", "--unseen", "yellow box",
-        "--workers", "0", "--device", "cpu", "--log-every", "1", "--no-progress",
+    helpers.run_torchrun_stage(
+        "gkc", data_root, "gkc-tiny", output,
         "--synonyms-json", str(synonyms), "--teacher", f"local-dir:{clip_dir}",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("saved the trained model") == 1  # rank 0 alone reports
+    )  # fmt: skip
     run_dir = output / "training"
     assert (run_dir / "synonym_scores.json").is_file()
     assert (run_dir / "teacher_embeddings.safetensors").is_file()

@@ -6,7 +6,6 @@ coloured rectangles (``_stage_helpers.write_rectangles``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import _stage_helpers as helpers
 from onepass_ovs import Segmenter
 from onepass_ovs.data import DatasetError, FolderDataset
 from onepass_ovs.evaluation import evaluate
@@ -28,25 +28,10 @@ from onepass_ovs.training.stages import (
     train_proposals,
 )
 
-_spec = importlib.util.spec_from_file_location(
-    "_stage_helpers", Path(__file__).with_name("_stage_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
+one_thread = helpers.one_thread  # autouse: one torch thread per test
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: thread hand-offs cost more than they save on shared cores
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return helpers.write_rectangles(tmp_path_factory.mktemp("rectangles"), n=16)
+data_root = helpers.rectangles_fixture(n=16)
 
 
 def quick_config(stage: str, output_dir, **overrides):
@@ -307,21 +292,9 @@ def test_interrupted_deop_stage_resumes_to_the_uninterrupted_result(
     def fresh():
         return Segmenter.from_pretrained(proposals_model, device="cpu")
 
-    train_deop(fresh(), dataset, config("full"))
-
-    real_loss, calls = _common.stage_loss, []
-
-    def crash_in_step_three(model, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_loss(model, batch)
-
-    monkeypatch.setattr(_common, "stage_loss", crash_in_step_three)
-    with pytest.raises(KeyboardInterrupt):
-        train_deop(fresh(), dataset, config("resumed"))
-    monkeypatch.setattr(_common, "stage_loss", real_loss)
-    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    helpers.train_full_and_interrupted(
+        monkeypatch, _common, train_deop, fresh, dataset, config, tmp_path
+    )
     train_deop(fresh(), dataset, config("resumed"), resume="auto")
 
     full = load_file(tmp_path / "full" / "model.safetensors")

@@ -16,16 +16,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import _stage_helpers as helpers
 from onepass_ovs import Segmenter
 from onepass_ovs.cli import segment_app
 from onepass_ovs.evaluation.cli import app as eval_app
 from onepass_ovs.training.cli import app as train_app
 
-_spec = importlib.util.spec_from_file_location(
-    "_stage_helpers", Path(__file__).with_name("_stage_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 _spec = importlib.util.spec_from_file_location(
     "_hub_helpers", Path(__file__).with_name("_hub_helpers.py")
 )
@@ -33,30 +29,15 @@ hub_helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(hub_helpers)
 
 runner = CliRunner()
-FAST = ["--workers", "0", "--no-progress", "--log-every", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+one_thread = helpers.one_thread  # autouse: one torch thread per test
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return helpers.write_rectangles(tmp_path_factory.mktemp("rectangles"), n=8)
+data_root = helpers.rectangles_fixture(n=8)
 
 
-def train(*args):
-    result = runner.invoke(train_app, [str(a) for a in args] + FAST)
-    return result
-
-
-def ok(result):
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
+train, ok = helpers.train, helpers.ok
 
 
 def test_train_eval_segment_round_trip(data_root, tmp_path):
@@ -116,17 +97,11 @@ def test_resume_continues_an_interrupted_run(data_root, tmp_path, monkeypatch):
               "--checkpoint-every", 2, "--lr", "1e-3"]  # fmt: skip
     ok(train("deop", *common, "--output", tmp_path / "full"))
 
-    real_loss, calls = _common.stage_loss, []
-
-    def crash_in_step_three(model, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated preemption")
-        return real_loss(model, batch)
-
-    monkeypatch.setattr(_common, "stage_loss", crash_in_step_three)
+    restore_loss = helpers.crash_at_step(
+        monkeypatch, _common, 3, RuntimeError("simulated preemption")
+    )
     assert train("deop", *common, "--output", tmp_path / "cut").exit_code != 0
-    monkeypatch.setattr(_common, "stage_loss", real_loss)
+    restore_loss()
     result = train("deop", *common, "--output", tmp_path / "cut")
     assert result.exit_code == 2 and "resume" in result.output  # refuses to start over
     ok(train("deop", *common, "--output", tmp_path / "cut", "--resume"))

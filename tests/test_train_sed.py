@@ -8,48 +8,22 @@ result of an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
+import _stage_helpers as helpers
 from onepass_ovs import Segmenter
-from onepass_ovs.training.cli import app as train_app
 
-_spec = importlib.util.spec_from_file_location(
-    "_stage_helpers", Path(__file__).with_name("_stage_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
-
-runner = CliRunner()
-FAST = ["--workers", "0", "--no-progress", "--log-every", "1"]
+one_thread = helpers.one_thread  # autouse: one torch thread per test
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+data_root = helpers.rectangles_fixture(n=8)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return helpers.write_rectangles(tmp_path_factory.mktemp("rectangles"), n=8)
-
-
-def train(*args):
-    return runner.invoke(train_app, [str(a) for a in args] + FAST)
-
-
-def ok(result):
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
+train, ok = helpers.train, helpers.ok
 
 
 def test_cli_trains_a_loadable_sed(data_root, tmp_path):
@@ -178,21 +152,9 @@ def test_interrupted_sed_run_resumes_to_the_uninterrupted_result(data_root, tmp_
     def fresh():
         return Segmenter.from_config("sed-tiny", device="cpu", seed=5)
 
-    train_sed(fresh(), dataset, config("full"))
-
-    real_loss, calls = _common.stage_loss, []
-
-    def crash_in_step_three(model, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_loss(model, batch)
-
-    monkeypatch.setattr(_common, "stage_loss", crash_in_step_three)
-    with pytest.raises(KeyboardInterrupt):
-        train_sed(fresh(), dataset, config("resumed"))
-    monkeypatch.setattr(_common, "stage_loss", real_loss)
-    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    helpers.train_full_and_interrupted(
+        monkeypatch, _common, train_sed, fresh, dataset, config, tmp_path
+    )
     with pytest.raises(FileExistsError, match="resume"):
         train_sed(fresh(), dataset, config("resumed"))  # refuses to start over
     train_sed(fresh(), dataset, config("resumed"), resume="auto")

@@ -339,9 +339,8 @@ class Segmenter:
                 for scores, geometry in self._decode(images, vocab)
             ]
             return results if images.many else results[0]
-        classes = list(vocabulary) if not isinstance(vocabulary, str) else vocabulary
-        synonyms = parse_vocabulary(classes)  # validate before any image work
-        background_index = _background_index(classes, synonyms, background)
+        # validate before any image work
+        classes, synonyms, background_index = _parse_vocabulary(vocabulary, background)
         windows = window_layout(sliding_window, self.config.preprocess)
         many = _is_batch(images)
         inputs = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -349,14 +348,8 @@ class Segmenter:
             return []
         mask_list = self._mask_list(masks, many, inputs)
 
-        entries, num_background = classes, 0
-        if background_index is not None:
-            # the background's synonyms become separate rows, summed after scoring
-            entries = [c for i, c in enumerate(classes) if i != background_index]
-            entries += list(synonyms[background_index])
-            num_background = len(synonyms[background_index])
-        text = self.encode_text(entries).to(self.device)
-        unknown_label = UNKNOWN if background_index is None else background_index
+        vocab = self._encode_vocabulary(classes, synonyms, background_index)
+        text, num_background, unknown_label = vocab.text, vocab.num_background, vocab.unknown_label
 
         results: list[SegmentationResult] = []
         done = 0
@@ -433,14 +426,10 @@ class Segmenter:
                 out[index] = (scores, geometry)
             else:
                 groups.setdefault(geometry.padded, []).append(index)
-        for indices in groups.values():
-            for start in range(0, len(indices), batch_size):
-                batch_ids = indices[start : start + batch_size]
-                batch = torch.stack([prepared[i][0] for i in batch_ids])
-                sizes = [prepared[i][1].resized for i in batch_ids]
-                scores = self.predict_scores(batch, text, sizes)
-                for i, s in zip(batch_ids, scores, strict=True):
-                    out[i] = (s, prepared[i][1])
+        for batch_ids, batch, sizes in _grouped_batches(prepared, groups, batch_size):
+            scores = self.predict_scores(batch, text, sizes)
+            for i, s in zip(batch_ids, scores, strict=True):
+                out[i] = (s, prepared[i][1])
         yield from out
 
     @torch.inference_mode()
@@ -591,14 +580,10 @@ class Segmenter:
                 out[index] = EncodedImage(geometry, passes, windows=windows)
             else:
                 groups.setdefault(geometry.padded, []).append(index)
-        for indices in groups.values():
-            for start in range(0, len(indices), batch_size):
-                batch_ids = indices[start : start + batch_size]
-                batch = torch.stack([prepared[i][0] for i in batch_ids])
-                sizes = [prepared[i][1].resized for i in batch_ids]
-                shared = EncodedPass(self.encode_batch(batch, sizes))
-                for row, i in enumerate(batch_ids):
-                    out[i] = EncodedImage(prepared[i][1], [shared], row=row)
+        for batch_ids, batch, sizes in _grouped_batches(prepared, groups, batch_size):
+            shared = EncodedPass(self.encode_batch(batch, sizes))
+            for row, i in enumerate(batch_ids):
+                out[i] = EncodedImage(prepared[i][1], [shared], row=row)
         return out
 
     @torch.inference_mode()
@@ -631,9 +616,11 @@ class Segmenter:
             )
 
     def _vocabulary_text(self, vocabulary, background) -> _Vocabulary:
-        classes = list(vocabulary) if not isinstance(vocabulary, str) else vocabulary
-        synonyms = parse_vocabulary(classes)
-        background_index = _background_index(classes, synonyms, background)
+        return self._encode_vocabulary(*_parse_vocabulary(vocabulary, background))
+
+    def _encode_vocabulary(self, classes, synonyms, background_index: int | None) -> _Vocabulary:
+        """Text embeddings (K', D) of a parsed vocabulary: one row per class, except the
+        background, whose synonyms become separate rows (last), summed after scoring."""
         entries, num_background = classes, 0
         if background_index is not None:
             entries = [c for i, c in enumerate(classes) if i != background_index]
@@ -724,6 +711,23 @@ class _Vocabulary:
     background_index: int | None
     num_background: int
     unknown_label: int
+
+
+def _grouped_batches(prepared, groups: dict, batch_size: int):
+    """Yield ``(ids, batch (B, 3, H, W), resized sizes)`` over ``groups`` (padded size ->
+    indices into ``prepared``, a list of ``(canvas, Geometry)``), ``batch_size`` at a time."""
+    for indices in groups.values():
+        for start in range(0, len(indices), batch_size):
+            batch_ids = indices[start : start + batch_size]
+            batch = torch.stack([prepared[i][0] for i in batch_ids])
+            yield batch_ids, batch, [prepared[i][1].resized for i in batch_ids]
+
+
+def _parse_vocabulary(vocabulary, background: str | None):
+    """``(classes, synonyms, background_index)`` of a vocabulary; raises on a bad one."""
+    classes = list(vocabulary) if not isinstance(vocabulary, str) else vocabulary
+    synonyms = parse_vocabulary(classes)
+    return classes, synonyms, _background_index(classes, synonyms, background)
 
 
 def _background_index(classes: list[str], synonyms, background: str | None) -> int | None:

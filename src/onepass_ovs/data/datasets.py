@@ -34,19 +34,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import IGNORE_INDEX
+from . import _LAZY, IGNORE_INDEX
 from .classes import DatasetError, check_class_names, read_class_names, resolve_unseen
 from .files import IMAGE_EXTENSIONS, read_image, read_label
 
-__all__ = [
-    "COCO_STUFF_CLASSES",
-    "COCO_STUFF_UNSEEN",
-    "CocoStuffDataset",
-    "FolderDataset",
-    "RegionDataset",
-    "sample_generator",
-    "sample_seed",
-]
+# the package lists the names (it exports them lazily, without importing torch)
+__all__ = list(_LAZY["datasets"])
 
 SampleTransform = Callable[[dict, torch.Generator | None], dict]
 

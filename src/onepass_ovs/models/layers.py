@@ -39,6 +39,18 @@ def sine_position_embedding(
     return pos.reshape(height * width, dim).to(dtype)
 
 
+def conv_gn(cin: int, cout: int, kernel: int, groups: int, relu: bool) -> nn.Sequential:
+    """Bias-free ``kernel`` x ``kernel`` conv (same padding) + GroupNorm(``groups``),
+    + ReLU when ``relu``: (B, cin, H, W) -> (B, cout, H, W)."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+        nn.GroupNorm(groups, cout),
+    ]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
 class MLP(nn.Module):
     """Linear layers with ReLU between them."""
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import MLP, sine_position_embedding
+from .layers import MLP, conv_gn, sine_position_embedding
 
 # -- deformable attention -------------------------------------------------------------------------
 
@@ -182,16 +182,6 @@ def encoder_reference_points(spatial_shapes: Sequence[tuple[int, int]], levels: 
     return ref[None, :, None, :].expand(1, -1, levels, -1)
 
 
-def _conv_gn(cin: int, cout: int, kernel: int, groups: int, relu: bool) -> nn.Sequential:
-    layers: list[nn.Module] = [
-        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
-        nn.GroupNorm(groups, cout),
-    ]
-    if relu:
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
-
-
 class DeformablePixelDecoder(nn.Module):
     """Mask2Former's pixel decoder: deformable encoder + FPN to stride-4 mask features.
 
@@ -245,8 +235,8 @@ class DeformablePixelDecoder(nn.Module):
         )
         # FPN for the finer features, coarsest of them first
         fpn_channels = in_channels[: len(in_channels) - encoder_levels][::-1]
-        self.lateral = nn.ModuleList(_conv_gn(c, dim, 1, norm_groups, False) for c in fpn_channels)
-        self.output = nn.ModuleList(_conv_gn(dim, dim, 3, norm_groups, True) for _ in fpn_channels)
+        self.lateral = nn.ModuleList(conv_gn(c, dim, 1, norm_groups, False) for c in fpn_channels)
+        self.output = nn.ModuleList(conv_gn(dim, dim, 3, norm_groups, True) for _ in fpn_channels)
         self.mask_features = nn.Conv2d(dim, mask_dim, 1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:

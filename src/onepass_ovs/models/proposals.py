@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import MLP, DecoderLayer, sine_position_embedding
+from .layers import MLP, DecoderLayer, conv_gn, sine_position_embedding
 
 
 @dataclass
@@ -39,16 +39,6 @@ class ProposalConfig:
     class_hidden: int = 1024
 
 
-def _conv_gn(cin: int, cout: int, kernel: int, groups: int, relu: bool) -> nn.Sequential:
-    layers: list[nn.Module] = [
-        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
-        nn.GroupNorm(groups, cout),
-    ]
-    if relu:
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
-
-
 class PixelDecoder(nn.Module):
     """FPN over backbone features -> stride-4 mask features (B, mask_dim, H/4, W/4)."""
 
@@ -59,8 +49,8 @@ class PixelDecoder(nn.Module):
         for i, cin in enumerate(in_channels):
             top = i == len(in_channels) - 1
             # the coarsest level has no lateral: its 3x3 output conv reads it directly
-            self.lateral.append(nn.Identity() if top else _conv_gn(cin, conv_dim, 1, groups, False))
-            self.output.append(_conv_gn(cin if top else conv_dim, conv_dim, 3, groups, True))
+            self.lateral.append(nn.Identity() if top else conv_gn(cin, conv_dim, 1, groups, False))
+            self.output.append(conv_gn(cin if top else conv_dim, conv_dim, 3, groups, True))
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, 3, padding=1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:

@@ -600,24 +600,24 @@ def _sed_preprocess() -> PreprocessConfig:
     )
 
 
+def _open_clip_sed(name: str, open_clip_model: str) -> ModelConfig:
+    """The paper's SED on open_clip's ``open_clip_model`` ConvNeXt, 80 ImageNet templates."""
+    return _sed_config(
+        name, open_clip_model, resolve_open_clip_config(open_clip_model, None),
+        _sed_preprocess(), "imagenet80", SEDConfig(),
+    )  # fmt: skip
+
+
 @register_preset
 def sed_convnext_b() -> ModelConfig:
     """SED-B: open_clip ``convnext_base_w_320`` (E = 640), the 80 ImageNet templates."""
-    return _sed_config(
-        "sed-convnext-b", "convnext_base_w_320",
-        resolve_open_clip_config("convnext_base_w_320", None),
-        _sed_preprocess(), "imagenet80", SEDConfig(),
-    )
+    return _open_clip_sed("sed-convnext-b", "convnext_base_w_320")
 
 
 @register_preset
 def sed_convnext_l() -> ModelConfig:
     """SED-L: open_clip ``convnext_large_d_320`` (E = 768, MLP head), 80 templates."""
-    return _sed_config(
-        "sed-convnext-l", "convnext_large_d_320",
-        resolve_open_clip_config("convnext_large_d_320", None),
-        _sed_preprocess(), "imagenet80", SEDConfig(),
-    )
+    return _open_clip_sed("sed-convnext-l", "convnext_large_d_320")
 
 
 # A tiny ConvNeXt CLIP for tests: timm's convnext_atto trunk through open_clip, the tiny

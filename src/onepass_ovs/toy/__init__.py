@@ -6,32 +6,8 @@
   (not imported here, so rendering scenes needs only numpy and pillow).
 """
 
+from . import scenes as _scenes
 from .export import export_folder
-from .scenes import (
-    CLASS_NAMES,
-    COLOURS,
-    IGNORE_INDEX,
-    SEEN_CLASSES,
-    SHAPES,
-    UNSEEN_CLASSES,
-    Scene,
-    SceneBatch,
-    render_scene,
-    render_scenes,
-    training_label,
-)
+from .scenes import *  # noqa: F403 (the public names are scenes.__all__)
 
-__all__ = [
-    "CLASS_NAMES",
-    "COLOURS",
-    "IGNORE_INDEX",
-    "SEEN_CLASSES",
-    "SHAPES",
-    "UNSEEN_CLASSES",
-    "Scene",
-    "SceneBatch",
-    "export_folder",
-    "render_scene",
-    "render_scenes",
-    "training_label",
-]
+__all__ = [*_scenes.__all__, "export_folder"]

@@ -17,8 +17,11 @@ processes (rank 0 writes the output).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +77,52 @@ RESUME = typer.Option(
 )
 WORKERS = typer.Option(2, "--workers", min=0, help="Data loader worker processes.")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show the progress bar.")
-CROP = typer.Option(None, "--crop-size", min=1, help="Training crop side (see the stage's help).")
+BACKBONE_LR_MULT = typer.Option(
+    0.1, "--backbone-lr-mult", min=0.0, help="lr multiplier of the backbone."
+)
+
+
+def crop_option(help: str) -> Any:
+    """The ``--crop-size`` option (default None: the stage's default); ``help`` says the
+    stage's default."""
+    return typer.Option(None, "--crop-size", min=1, help=help)
+
+
+# (name, type, option) of the options every stage takes, in --help order
+COMMON_OPTIONS: tuple[tuple[str, type, Any], ...] = (
+    ("data", Path, DATA), ("coco_stuff", Path, COCO), ("split", str, SPLIT),
+    ("model", str, MODEL), ("clip", str, CLIP), ("output", Path, OUTPUT),
+    ("steps", int, STEPS), ("batch_size", int, BATCH), ("lr", float, LR),
+    ("weight_decay", float, WD), ("grad_clip", float, CLIP_NORM), ("warmup", int, WARMUP),
+    ("unseen", str, UNSEEN), ("seed", int, SEED), ("device", str, DEVICE), ("amp", str, AMP),
+    ("grad_accum", int, ACCUM), ("checkpoint_every", int, CKPT), ("log_every", int, LOG),
+    ("resume", bool, RESUME), ("workers", int, WORKERS), ("progress", bool, PROGRESS),
+)  # fmt: skip
+
+
+def stage_command(function: Callable[..., None]) -> Callable[..., None]:
+    """Register ``function(options, **own)`` as an ``ovs-train`` command named after it.
+
+    The command takes :data:`COMMON_OPTIONS` first, then ``function``'s own options (its
+    parameters after ``options``); ``function`` gets the common ones as the dict
+    ``options`` (name -> value) and its own as keyword arguments.
+    """
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    shared = [
+        inspect.Parameter(name, positional, default=option, annotation=kind)
+        for name, kind, option in COMMON_OPTIONS
+    ]
+    own = list(inspect.signature(function, eval_str=True).parameters.values())[1:]
+    parameters = shared + [p.replace(kind=positional) for p in own]
+
+    @functools.wraps(function)
+    def command(**values: Any) -> None:
+        options = {name: values.pop(name) for name, _, _ in COMMON_OPTIONS}
+        function(options, **values)
+
+    command.__signature__ = inspect.Signature(parameters, return_annotation=None)
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    return app.command()(command)
 
 
 def _setup_logging() -> None:
@@ -150,30 +198,9 @@ def run(stage: str, options: dict[str, Any], stage_options: dict[str, Any]) -> N
     destroy_distributed()
 
 
-@app.command()
+@stage_command
 def prompt(
-    data: Path = DATA,
-    coco_stuff: Path = COCO,
-    split: str = SPLIT,
-    model: str = MODEL,
-    clip: str = CLIP,
-    output: Path = OUTPUT,
-    steps: int = STEPS,
-    batch_size: int = BATCH,
-    lr: float = LR,
-    weight_decay: float = WD,
-    grad_clip: float = CLIP_NORM,
-    warmup: int = WARMUP,
-    unseen: str = UNSEEN,
-    seed: int = SEED,
-    device: str = DEVICE,
-    amp: str = AMP,
-    grad_accum: int = ACCUM,
-    checkpoint_every: int = CKPT,
-    log_every: int = LOG,
-    resume: bool = RESUME,
-    workers: int = WORKERS,
-    progress: bool = PROGRESS,
+    options: dict[str, Any],
     prompt_length: int = typer.Option(
         None,
         "--prompt-length",
@@ -181,9 +208,7 @@ def prompt(
         help="Learned context vectors to add when the model has none (default 16, or a "
         "quarter of a shorter text context).",
     ),
-    crop_size: int = typer.Option(
-        None, "--crop-size", min=1, help="Region crop side (default: CLIP's input size)."
-    ),
+    crop_size: int = crop_option("Region crop side (default: CLIP's input size)."),
     min_region_pixels: int = typer.Option(
         64, "--min-region-pixels", min=1, help="Smallest region that becomes a sample."
     ),
@@ -192,94 +217,38 @@ def prompt(
 
     Defaults: SGD lr 0.02, momentum 0.9, wd 5e-4, cosine, 16k steps, batch 32.
     """
-    options = dict(locals())
     stage_options = {
-        "prompt_length": options.pop("prompt_length"),
-        "crop_size": options.pop("crop_size"),
-        "min_region_pixels": options.pop("min_region_pixels"),
+        "prompt_length": prompt_length,
+        "crop_size": crop_size,
+        "min_region_pixels": min_region_pixels,
     }
     run("prompt", options, stage_options)
 
 
-@app.command()
+@stage_command
 def proposals(
-    data: Path = DATA,
-    coco_stuff: Path = COCO,
-    split: str = SPLIT,
-    model: str = MODEL,
-    clip: str = CLIP,
-    output: Path = OUTPUT,
-    steps: int = STEPS,
-    batch_size: int = BATCH,
-    lr: float = LR,
-    weight_decay: float = WD,
-    grad_clip: float = CLIP_NORM,
-    warmup: int = WARMUP,
-    unseen: str = UNSEEN,
-    seed: int = SEED,
-    device: str = DEVICE,
-    amp: str = AMP,
-    grad_accum: int = ACCUM,
-    checkpoint_every: int = CKPT,
-    log_every: int = LOG,
-    resume: bool = RESUME,
-    workers: int = WORKERS,
-    progress: bool = PROGRESS,
-    crop_size: int = typer.Option(
-        None,
-        "--crop-size",
-        min=1,
-        help="Square crop side, a multiple of 32 (default 1.25 x the model's short side: 640).",
-    ),
-    backbone_lr_mult: float = typer.Option(
-        0.1, "--backbone-lr-mult", min=0.0, help="lr multiplier of the backbone."
-    ),
+    options: dict[str, Any],
+    crop_size: int = crop_option("Square crop side, a multiple of 32 (default 1.25 x the model's short side: 640)."),
+    backbone_lr_mult: float = BACKBONE_LR_MULT,
 ) -> None:
     """Stage 2: train the MaskFormer proposal generator by bipartite matching.
 
     Defaults: AdamW lr 1e-4, wd 1e-4, poly 0.9, backbone lr x0.1, grad-norm clip 0.01,
     60k steps, batch 32; crops 640 from short side 320..960, colour jitter, flip.
     """
-    options = dict(locals())
     stage_options = {
-        "crop_size": options.pop("crop_size"),
+        "crop_size": crop_size,
         "config_overrides": {
-            "lr_multipliers": {"proposals.backbone": options.pop("backbone_lr_mult")}
+            "lr_multipliers": {"proposals.backbone": backbone_lr_mult}
         },
     }
     run("proposals", options, stage_options)
 
 
-@app.command()
+@stage_command
 def deop(
-    data: Path = DATA,
-    coco_stuff: Path = COCO,
-    split: str = SPLIT,
-    model: str = MODEL,
-    clip: str = CLIP,
-    output: Path = OUTPUT,
-    steps: int = STEPS,
-    batch_size: int = BATCH,
-    lr: float = LR,
-    weight_decay: float = WD,
-    grad_clip: float = CLIP_NORM,
-    warmup: int = WARMUP,
-    unseen: str = UNSEEN,
-    seed: int = SEED,
-    device: str = DEVICE,
-    amp: str = AMP,
-    grad_accum: int = ACCUM,
-    checkpoint_every: int = CKPT,
-    log_every: int = LOG,
-    resume: bool = RESUME,
-    workers: int = WORKERS,
-    progress: bool = PROGRESS,
-    crop_size: int = typer.Option(
-        None,
-        "--crop-size",
-        min=1,
-        help="Exact square crop side, a multiple of 32 (default: the model's short side, 512).",
-    ),
+    options: dict[str, Any],
+    crop_size: int = crop_option("Exact square crop side, a multiple of 32 (default: the model's short side, 512)."),
     train_prompt: bool = typer.Option(
         False, "--train-prompt", help="Also train the learned prompt context."
     ),
@@ -295,45 +264,18 @@ def deop(
     Defaults: AdamW lr 2e-4, wd 1e-4 (none on norms/embeddings/positions), poly 0.9,
     grad-norm clip 0.01, 60k steps, batch 16; crops exactly 512 x 512.
     """
-    options = dict(locals())
     stage_options = {
-        "crop_size": options.pop("crop_size"),
-        "train_prompt": options.pop("train_prompt"),
-        "clip_lr_mult": options.pop("clip_lr_mult"),
+        "crop_size": crop_size,
+        "train_prompt": train_prompt,
+        "clip_lr_mult": clip_lr_mult,
     }
     run("deop", options, stage_options)
 
 
-@app.command()
+@stage_command
 def sed(
-    data: Path = DATA,
-    coco_stuff: Path = COCO,
-    split: str = SPLIT,
-    model: str = MODEL,
-    clip: str = CLIP,
-    output: Path = OUTPUT,
-    steps: int = STEPS,
-    batch_size: int = BATCH,
-    lr: float = LR,
-    weight_decay: float = WD,
-    grad_clip: float = CLIP_NORM,
-    warmup: int = WARMUP,
-    unseen: str = UNSEEN,
-    seed: int = SEED,
-    device: str = DEVICE,
-    amp: str = AMP,
-    grad_accum: int = ACCUM,
-    checkpoint_every: int = CKPT,
-    log_every: int = LOG,
-    resume: bool = RESUME,
-    workers: int = WORKERS,
-    progress: bool = PROGRESS,
-    crop_size: int = typer.Option(
-        None,
-        "--crop-size",
-        min=1,
-        help="Square crop side, a multiple of 32 (default: the model's short side, 768).",
-    ),
+    options: dict[str, Any],
+    crop_size: int = crop_option("Square crop side, a multiple of 32 (default: the model's short side, 768)."),
     clip_lr_mult: float = typer.Option(
         0.01, "--clip-lr-mult", min=0.0, help="lr multiplier of the CLIP image tower."
     ),
@@ -346,10 +288,9 @@ def sed(
     0.01, 80k steps, batch 4; BCE on the final and three auxiliary outputs; square crops
     768 from the short side resized to 768, colour jitter, flip.
     """
-    options = dict(locals())
     stage_options = {
-        "crop_size": options.pop("crop_size"),
-        "config_overrides": {"lr_multipliers": {"clip_visual": options.pop("clip_lr_mult")}},
+        "crop_size": crop_size,
+        "config_overrides": {"lr_multipliers": {"clip_visual": clip_lr_mult}},
     }
     run("sed", options, stage_options)
 
@@ -377,39 +318,11 @@ def _synonym_sources(
     return sources
 
 
-@app.command()
+@stage_command
 def gkc(
-    data: Path = DATA,
-    coco_stuff: Path = COCO,
-    split: str = SPLIT,
-    model: str = MODEL,
-    clip: str = CLIP,
-    output: Path = OUTPUT,
-    steps: int = STEPS,
-    batch_size: int = BATCH,
-    lr: float = LR,
-    weight_decay: float = WD,
-    grad_clip: float = CLIP_NORM,
-    warmup: int = WARMUP,
-    unseen: str = UNSEEN,
-    seed: int = SEED,
-    device: str = DEVICE,
-    amp: str = AMP,
-    grad_accum: int = ACCUM,
-    checkpoint_every: int = CKPT,
-    log_every: int = LOG,
-    resume: bool = RESUME,
-    workers: int = WORKERS,
-    progress: bool = PROGRESS,
-    crop_size: int = typer.Option(
-        None,
-        "--crop-size",
-        min=1,
-        help="Square crop side, a multiple of 32 (default: the model's short side, 512).",
-    ),
-    backbone_lr_mult: float = typer.Option(
-        0.1, "--backbone-lr-mult", min=0.0, help="lr multiplier of the backbone."
-    ),
+    options: dict[str, Any],
+    crop_size: int = crop_option("Square crop side, a multiple of 32 (default: the model's short side, 512)."),
+    backbone_lr_mult: float = BACKBONE_LR_MULT,
     teacher: str = typer.Option(
         None,
         "--teacher",
@@ -453,22 +366,21 @@ def gkc(
     Defaults: AdamW lr 1e-4, wd 0.05, poly 0.9, backbone lr x0.1, grad-norm clip 0.01,
     50k steps, batch 16; crops from short side 0.8x..1.2x, flip. See docs/gkc.md.
     """
-    options = dict(locals())
     stage_options = {
-        "crop_size": options.pop("crop_size"),
-        "teacher": options.pop("teacher"),
-        "scorer": options.pop("scorer"),
-        "use_synonyms": options.pop("synonyms"),
-        "distill": options.pop("distill"),
-        "plain_loss": options.pop("plain_loss"),
-        "cache_dir": options.pop("cache_dir"),
+        "crop_size": crop_size,
+        "teacher": teacher,
+        "scorer": scorer,
+        "use_synonyms": synonyms,
+        "distill": distill,
+        "plain_loss": plain_loss,
+        "cache_dir": cache_dir,
         "synonym_spec": {
-            "json_path": options.pop("synonyms_json"),
-            "wordnet": options.pop("wordnet"),
-            "wordnet_dir": options.pop("wordnet_dir"),
-            "shapes": options.pop("shapes_synonyms"),
+            "json_path": synonyms_json,
+            "wordnet": wordnet,
+            "wordnet_dir": wordnet_dir,
+            "shapes": shapes_synonyms,
         },
-        "config_overrides": {"lr_multipliers": {"backbone": options.pop("backbone_lr_mult")}},
+        "config_overrides": {"lr_multipliers": {"backbone": backbone_lr_mult}},
     }
     if stage_options["distill"] and stage_options["teacher"] is None:
         fail("--teacher is needed for distillation (e.g. --teacher RN50/openai), or --no-distill")

@@ -93,18 +93,51 @@ def default_config(stage: str, **overrides: Any) -> TrainConfig:
 # ----------------------------------------------------------------------------- inputs
 
 
-def deop_model(segmenter: Segmenter) -> nn.Module:
-    """The segmenter's DeOP model in float32 (training needs full-precision weights)."""
+def family_model(segmenter: Segmenter, family: str, trainer: str) -> nn.Module:
+    """The segmenter's model in float32 (training needs full-precision weights), refusing
+    a model of another family than ``family``; ``trainer`` names who refuses it (e.g.
+    ``"train_sed trains"``)."""
     if not isinstance(segmenter, Segmenter):
         raise TypeError(f"expected a Segmenter, got {type(segmenter).__name__}")
-    if segmenter.config.family != "deop":
-        raise ValueError(
-            f"the training stages train 'deop' models, not {segmenter.config.family!r}"
-        )
+    if segmenter.config.family != family:
+        raise ValueError(f"{trainer} {family!r} models, not {segmenter.config.family!r}")
     model = segmenter.model
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model.float()
     return model
+
+
+def deop_model(segmenter: Segmenter) -> nn.Module:
+    """The segmenter's DeOP model in float32."""
+    return family_model(segmenter, "deop", "the training stages train")
+
+
+def prepare_stage(
+    segmenter: Segmenter, dataset: Any, crop_size: int | None, model_of, default_crop=None
+) -> tuple[nn.Module, int, list[str], torch.Tensor]:
+    """The checks every segmentation stage starts with: ``(model, crop size, seen class
+    names, lookup)``. ``model_of(segmenter)`` gives the float32 model; the crop defaults
+    to ``default_crop(model.config)``, else the model's inference short side."""
+    check_dataset(dataset)
+    model = model_of(segmenter)
+    if crop_size:
+        size = crop_size
+    elif default_crop is not None:
+        size = default_crop(model.config)
+    else:
+        size = model.config.preprocess.short_side
+    check_crop(size, model.config)
+    names, lookup = seen_classes(dataset)
+    return model, size, names, lookup
+
+
+def seen_record(names: list[str], dataset: Any, crop_size: int | None) -> dict[str, Any]:
+    """The part of a stage's ``stage.json`` record every stage writes."""
+    return {
+        "classes": names,
+        "unseen": [dataset.classes[i] for i in dataset.unseen_ids],
+        "crop_size": crop_size,
+    }
 
 
 def clip_model_of(segmenter: Segmenter) -> nn.Module:
@@ -278,6 +311,17 @@ class StageModel(nn.Module):
         return self
 
 
+@torch.no_grad()
+def frozen_text_embeddings(model: nn.Module, class_names: list[str]) -> torch.Tensor:
+    """``model.text(class_names)`` in eval mode, float32, detached: (K, E), or SED's
+    per-template (K, P, E). The text tower's train/eval mode is left as it was."""
+    was_training = model.text.training
+    model.text.eval()
+    text = model.text(class_names).float().detach().clone()
+    model.text.train(was_training)
+    return text
+
+
 def _under(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
@@ -290,9 +334,10 @@ def stage_loss(model: nn.Module, batch: dict) -> dict:
 # ----------------------------------------------------------------------------- running
 
 
-def run_stage(
+def train_and_save(
     stage: str,
-    stage_model: StageModel,
+    model: nn.Module,
+    make_stage,
     dataset: Any,
     config: TrainConfig,
     *,
@@ -300,26 +345,29 @@ def run_stage(
     resume: bool | str | os.PathLike,
     record: dict[str, Any],
     loss_fn=None,
-) -> Trainer:
-    """Train ``stage_model`` with the engine; its run goes to ``output_dir/training``.
-    ``loss_fn`` defaults to :func:`stage_loss`."""
+) -> Segmenter:
+    """Build the stage's :class:`StageModel` with ``make_stage()``, train it with the
+    engine (``model``'s ``requires_grad`` flags are restored afterwards; the run and
+    ``record`` go to ``output_dir/training``; ``loss_fn`` defaults to :func:`stage_loss`)
+    and :func:`finish`: the trained Segmenter, saved to ``config.output_dir``."""
     run_config = dataclasses.replace(config, output_dir=str(Path(config.output_dir) / RUN_DIR))
-    trainer = Trainer(
-        stage_model,
-        loss_fn if loss_fn is not None else stage_loss,
-        dataset,
-        run_config,
-        collate_fn=collate,
-        sample_transform=sample_transform,
-    )
     run_dir = Path(run_config.output_dir)
-    refused = not resume and list_checkpoints(run_dir)  # fit() raises; keep that run's record
-    if trainer.dist.is_main and not refused:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        payload = {"stage": stage, **record}
-        (run_dir / STAGE_FILE).write_text(json.dumps(payload, indent=2) + "\n")
-    trainer.fit(resume=resume)
-    return trainer
+    with restore_requires_grad(model):
+        trainer = Trainer(
+            make_stage(),
+            loss_fn if loss_fn is not None else stage_loss,
+            dataset,
+            run_config,
+            collate_fn=collate,
+            sample_transform=sample_transform,
+        )
+        refused = not resume and list_checkpoints(run_dir)  # fit() raises; keep that run's record
+        if trainer.dist.is_main and not refused:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            payload = {"stage": stage, **record}
+            (run_dir / STAGE_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+        trainer.fit(resume=resume)
+    return finish(model, trainer, config.output_dir)
 
 
 def finish(model: nn.Module, trainer: Trainer, output_dir: str | os.PathLike) -> Segmenter:

@@ -23,14 +23,12 @@ from ..config import TrainConfig
 from ..losses import assembled_map_loss
 from ._common import (
     StageModel,
-    check_crop,
-    check_dataset,
     default_config,
     deop_model,
-    finish,
-    restore_requires_grad,
-    run_stage,
-    seen_classes,
+    frozen_text_embeddings,
+    prepare_stage,
+    seen_record,
+    train_and_save,
 )
 
 HEADS = ("anchors", "clip_visual.learned_pos", "void_embedding")
@@ -69,11 +67,7 @@ class DeopStage(StageModel):
         self.train_prompt = train_prompt
         self.focal_weight = focal_weight
         self.dice_weight = dice_weight
-        with torch.no_grad():
-            was_training = model.text.training
-            model.text.eval()
-            text = model.text(class_names).float().detach().clone()
-            model.text.train(was_training)
+        text = frozen_text_embeddings(model, class_names)
         self.register_buffer("text_embeddings", text, persistent=False)  # (K, E)
         self.register_buffer("label_lookup", lookup, persistent=False)
 
@@ -120,11 +114,7 @@ def train_deop(
     Returns a Segmenter around the trained model (also saved to ``config.output_dir``).
     """
     config = config or default_config("deop")
-    check_dataset(dataset)
-    model = deop_model(segmenter)
-    size = crop_size or model.config.preprocess.short_side
-    check_crop(size, model.config)
-    names, lookup = seen_classes(dataset)
+    model, size, names, lookup = prepare_stage(segmenter, dataset, crop_size, deop_model)
     train_clip = bool(clip_lr_mult)
     if train_clip:
         multipliers = {"clip_visual": float(clip_lr_mult), "clip_visual.learned_pos": 1.0}
@@ -134,24 +124,19 @@ def train_deop(
         config = dataclasses.replace(
             config, lr_multipliers={**multipliers, **config.lr_multipliers}
         )
-    with restore_requires_grad(model):
-        stage = DeopStage(
+
+    def make_stage():  # called under train_and_save's requires_grad guard
+        return DeopStage(
             model, names, lookup, train_prompt=train_prompt, train_clip=train_clip,
             focal_weight=focal_weight, dice_weight=dice_weight,
         )  # fmt: skip
-        trainer = run_stage(
-            "deop",
-            stage,
-            dataset,
-            config,
-            sample_transform=augment or deop_train_augment(size),
-            resume=resume,
-            record={
-                "classes": names,
-                "unseen": [dataset.classes[i] for i in dataset.unseen_ids],
-                "crop_size": size,
-                "train_prompt": train_prompt,
-                "clip_lr_mult": clip_lr_mult,
-            },
-        )
-    return finish(model, trainer, config.output_dir)
+
+    return train_and_save(
+        "deop", model, make_stage, dataset, config,
+        sample_transform=augment or deop_train_augment(size), resume=resume,
+        record={
+            **seen_record(names, dataset, size),
+            "train_prompt": train_prompt,
+            "clip_lr_mult": clip_lr_mult,
+        },
+    )

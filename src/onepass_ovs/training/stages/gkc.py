@@ -59,14 +59,12 @@ from ..matcher import HungarianMatcher
 from ._common import (
     RUN_DIR,
     StageModel,
-    check_crop,
-    check_dataset,
     default_config,
-    finish,
-    restore_requires_grad,
-    run_stage,
+    family_model,
+    prepare_stage,
     seeded_init,
-    seen_classes,
+    seen_record,
+    train_and_save,
 )
 
 logger = logging.getLogger("onepass_ovs.training")
@@ -84,14 +82,7 @@ LOSS_DEFAULTS: dict[str, float] = {
 
 def gkc_model(segmenter: Segmenter) -> nn.Module:
     """The segmenter's GKC model in float32."""
-    if not isinstance(segmenter, Segmenter):
-        raise TypeError(f"expected a Segmenter, got {type(segmenter).__name__}")
-    if segmenter.config.family != "gkc":
-        raise ValueError(f"train_gkc trains 'gkc' models, not {segmenter.config.family!r}")
-    model = segmenter.model
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        model.float()
-    return model
+    return family_model(segmenter, "gkc", "train_gkc trains")
 
 
 def gkc_train_augment(crop_size: int) -> SegmentationAugment:
@@ -442,11 +433,7 @@ def train_gkc(
     Returns a Segmenter around the trained model (also saved to ``config.output_dir``).
     """
     config = config or default_config("gkc")
-    check_dataset(dataset)
-    model = gkc_model(segmenter)
-    size = crop_size or model.config.preprocess.short_side
-    check_crop(size, model.config)
-    names, lookup = seen_classes(dataset)
+    model, size, names, lookup = prepare_stage(segmenter, dataset, crop_size, gkc_model)
     seen_ids = [i for i in range(len(dataset.classes)) if i not in set(dataset.unseen_ids)]
     run_dir = Path(config.output_dir) / RUN_DIR
     if not resume and list_checkpoints(run_dir):
@@ -484,29 +471,28 @@ def train_gkc(
 
     del clips  # the CLIPs are not needed while training
     transform = SynonymDraw(augment or gkc_train_augment(size), scores, len(dataset.classes))
-    with restore_requires_grad(model):
+
+    def make_stage():  # called under train_and_save's requires_grad guard
         seeded_init(config.seed, "gkc_stage")
-        stage = GKCStage(
+        return GKCStage(
             model, names, lookup, sets, teacher=teacher_emb, teacher_keys=teacher_keys,
             use_synonyms=use_synonyms, plain_loss=plain_loss, num_points=num_points,
             **loss_options,
         )  # fmt: skip
-        trainer = run_stage(
-            "gkc", stage, dataset, config, sample_transform=transform, resume=resume,
-            loss_fn=gkc_loss,
-            record={
-                "classes": names,
-                "unseen": [dataset.classes[i] for i in dataset.unseen_ids],
-                "crop_size": size,
-                "synonyms": sets,
-                "use_synonyms": use_synonyms,
-                "distill": distill,
-                "plain_loss": plain_loss,
-                "teacher": getattr(teacher, "name", teacher) if distill else None,
-                "scorer": getattr(scorer or teacher, "name", scorer or teacher) if use_synonyms else None,
-                "teacher_mode": "eval",
-                "loss_options": {**LOSS_DEFAULTS, **loss_options},
-                "num_points": num_points,
-            },
-        )  # fmt: skip
-    return finish(model, trainer, config.output_dir)
+
+    return train_and_save(
+        "gkc", model, make_stage, dataset, config, sample_transform=transform, resume=resume,
+        loss_fn=gkc_loss,
+        record={
+            **seen_record(names, dataset, size),
+            "synonyms": sets,
+            "use_synonyms": use_synonyms,
+            "distill": distill,
+            "plain_loss": plain_loss,
+            "teacher": getattr(teacher, "name", teacher) if distill else None,
+            "scorer": getattr(scorer or teacher, "name", scorer or teacher) if use_synonyms else None,
+            "teacher_mode": "eval",
+            "loss_options": {**LOSS_DEFAULTS, **loss_options},
+            "num_points": num_points,
+        },
+    )  # fmt: skip

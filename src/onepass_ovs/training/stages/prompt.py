@@ -29,13 +29,11 @@ from ._common import (
     clip_input_size,
     default_config,
     deop_model,
-    finish,
     logger,
     rebuild,
-    restore_requires_grad,
-    run_stage,
     seeded_init,
     seen_classes,
+    train_and_save,
 )
 
 DEFAULT_PROMPT_LENGTH = 16  # the paper's; capped at a quarter of the text context
@@ -171,21 +169,14 @@ def train_prompt(
     names, lookup = seen_classes(base)
     check_prompts_fit(model, names)
     crop = augment or RegionCrop(crop_size or clip_input_size(model.config))
-    with restore_requires_grad(model):
-        stage = PromptStage(model, names, lookup)
-        trainer = run_stage(
-            "prompt",
-            stage,
-            regions,
-            config,
-            sample_transform=crop,
-            resume=resume,
-            record={
-                "classes": names,
-                "unseen": [base.classes[i] for i in base.unseen_ids],
-                "prompt_length": length,
-                "crop_size": getattr(crop, "size", None),
-                "regions": len(regions),
-            },
-        )
-    return finish(model, trainer, config.output_dir)
+    return train_and_save(
+        "prompt", model, lambda: PromptStage(model, names, lookup), regions, config,
+        sample_transform=crop, resume=resume,
+        record={
+            "classes": names,
+            "unseen": [base.classes[i] for i in base.unseen_ids],
+            "prompt_length": length,
+            "crop_size": getattr(crop, "size", None),
+            "regions": len(regions),
+        },
+    )

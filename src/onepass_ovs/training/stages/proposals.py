@@ -26,15 +26,13 @@ from ..losses import SetCriterion
 from ..matcher import HungarianMatcher
 from ._common import (
     StageModel,
-    check_crop,
-    check_dataset,
     default_config,
     deop_model,
-    finish,
-    restore_requires_grad,
-    run_stage,
+    frozen_text_embeddings,
+    prepare_stage,
     seeded_init,
-    seen_classes,
+    seen_record,
+    train_and_save,
 )
 
 
@@ -77,11 +75,7 @@ class ProposalStage(StageModel):
             weight_focal=weight_focal,
             weight_dice=weight_dice,
         )
-        with torch.no_grad():
-            was_training = model.text.training
-            model.text.eval()
-            text = model.text(class_names).float().detach().clone()
-            model.text.train(was_training)
+        text = frozen_text_embeddings(model, class_names)
         self.register_buffer("text_embeddings", text, persistent=False)  # (K, E)
         self.register_buffer("label_lookup", lookup, persistent=False)
 
@@ -136,26 +130,19 @@ def train_proposals(
     (DeOP does not use the proposals' class head at inference).
     """
     config = config or default_config("proposals")
-    check_dataset(dataset)
-    model = deop_model(segmenter)
-    size = crop_size or default_proposal_crop(model.config)
-    check_crop(size, model.config)
-    names, lookup = seen_classes(dataset)
-    with restore_requires_grad(model):
+    model, size, names, lookup = prepare_stage(
+        segmenter, dataset, crop_size, deop_model, default_crop=default_proposal_crop
+    )
+
+    def make_stage():  # called under train_and_save's requires_grad guard
         seeded_init(config.seed, "proposal_classifier")
-        stage = ProposalStage(model, names, lookup, **loss_options)
-        trainer = run_stage(
-            "proposals",
-            stage,
-            dataset,
-            config,
-            sample_transform=augment or proposal_train_augment(size),
-            resume=resume,
-            record={
-                "classes": names,
-                "unseen": [dataset.classes[i] for i in dataset.unseen_ids],
-                "crop_size": size,
-                "loss_options": loss_options,
-            },
-        )
-    return finish(model, trainer, config.output_dir)
+        return ProposalStage(model, names, lookup, **loss_options)
+
+    return train_and_save(
+        "proposals", model, make_stage, dataset, config,
+        sample_transform=augment or proposal_train_augment(size), resume=resume,
+        record={
+            **seen_record(names, dataset, size),
+            "loss_options": loss_options,
+        },
+    )

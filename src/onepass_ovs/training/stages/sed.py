@@ -38,13 +38,12 @@ from ..config import TrainConfig
 from ._common import (
     STAGE_DEFAULTS,
     StageModel,
-    check_crop,
-    check_dataset,
     default_config,
-    finish,
-    restore_requires_grad,
-    run_stage,
-    seen_classes,
+    family_model,
+    frozen_text_embeddings,
+    prepare_stage,
+    seen_record,
+    train_and_save,
 )
 
 SED_DEFAULTS: dict[str, Any] = STAGE_DEFAULTS["sed"]
@@ -97,11 +96,7 @@ class SedStage(StageModel):
     def __init__(self, model: nn.Module, class_names: list[str], lookup: torch.Tensor):
         super().__init__(model, trainable=TRAINABLE)
         self.class_names = list(class_names)
-        with torch.no_grad():
-            was_training = model.text.training
-            model.text.eval()
-            text = model.text(class_names).float().detach().clone()  # (K, P, E)
-            model.text.train(was_training)
+        text = frozen_text_embeddings(model, class_names)  # (K, P, E)
         self.register_buffer("text_embeddings", text, persistent=False)
         self.register_buffer("label_lookup", lookup, persistent=False)
 
@@ -111,14 +106,7 @@ class SedStage(StageModel):
 
 
 def _sed_model(segmenter: Segmenter) -> nn.Module:
-    if not isinstance(segmenter, Segmenter):
-        raise TypeError(f"expected a Segmenter, got {type(segmenter).__name__}")
-    if segmenter.config.family != "sed":
-        raise ValueError(f"train_sed trains 'sed' models, not {segmenter.config.family!r}")
-    model = segmenter.model
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        model.float()
-    return model
+    return family_model(segmenter, "sed", "train_sed trains")
 
 
 def train_sed(
@@ -144,24 +132,9 @@ def train_sed(
     Returns a Segmenter around the trained model (also saved to ``config.output_dir``).
     """
     config = config or sed_default_config()
-    check_dataset(dataset)
-    model = _sed_model(segmenter)
-    size = crop_size or model.config.preprocess.short_side
-    check_crop(size, model.config)
-    names, lookup = seen_classes(dataset)
-    with restore_requires_grad(model):
-        stage = SedStage(model, names, lookup)
-        trainer = run_stage(
-            "sed",
-            stage,
-            dataset,
-            config,
-            sample_transform=augment or sed_train_augment(size),
-            resume=resume,
-            record={
-                "classes": names,
-                "unseen": [dataset.classes[i] for i in dataset.unseen_ids],
-                "crop_size": size,
-            },
-        )
-    return finish(model, trainer, config.output_dir)
+    model, size, names, lookup = prepare_stage(segmenter, dataset, crop_size, _sed_model)
+    return train_and_save(
+        "sed", model, lambda: SedStage(model, names, lookup), dataset, config,
+        sample_transform=augment or sed_train_augment(size), resume=resume,
+        record=seen_record(names, dataset, size),
+    )
