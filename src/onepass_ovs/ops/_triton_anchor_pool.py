@@ -37,53 +37,6 @@ _LOG2_E = math.log2(math.e)
 
 
 @triton.jit
-def _query_block(num_heads, seq_n, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """This program's query block, for a grid (query block, batch*head[, split of L]):
-    ``(batch, head, batch_head, split, offs_n (BLOCK_N,), offs_d (HEAD_DIM,), n_valid)``;
-    ``split`` is 0 on a 2-D grid."""
-    batch_head = tl.program_id(1)
-    batch = (batch_head // num_heads).to(tl.int64)
-    head = (batch_head % num_heads).to(tl.int64)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    return batch, head, batch_head, tl.program_id(2), offs_n, offs_d, offs_n < seq_n
-
-
-@triton.jit
-def _tile_ptrs(base, offs_rows, stride_rows, offs_d, stride_d):
-    """Pointers of a (rows, HEAD_DIM) tile: ``base + row * stride_rows + d * stride_d``."""
-    return base + offs_rows[:, None] * stride_rows + offs_d[None, :] * stride_d
-
-
-@triton.jit
-def _load_tile(base, offs_rows, stride_rows, offs_d, stride_d, rows_valid):
-    """A (rows, HEAD_DIM) tile (see :func:`_tile_ptrs`), zeros in the rows not valid."""
-    return tl.load(
-        _tile_ptrs(base, offs_rows, stride_rows, offs_d, stride_d),
-        mask=rows_valid[:, None], other=0.0,
-    )  # fmt: skip
-
-
-@triton.jit
-def _store_out_and_lse(
-    out_ptr, lse_ptr, acc, row_max, row_sum, batch, head, batch_head, offs_n, offs_d,
-    n_valid, seq_n, stride_ob, stride_oh, stride_on, stride_od,
-):  # fmt: skip
-    """Write ``out = acc / row_sum`` (BLOCK_N, HEAD_DIM) and the base-2 log-sum-exp
-    ``row_max + log2(row_sum)`` (BLOCK_N,) of one query block of one (batch, head)."""
-    out = acc / row_sum[:, None]
-    tl.store(
-        _tile_ptrs(out_ptr + batch * stride_ob + head * stride_oh, offs_n, stride_on, offs_d,
-                   stride_od),
-        out.to(out_ptr.dtype.element_ty), mask=n_valid[:, None],
-    )  # fmt: skip
-    tl.store(
-        lse_ptr + batch_head.to(tl.int64) * seq_n + offs_n,
-        row_max + tl.log2(row_sum), mask=n_valid,
-    )  # fmt: skip
-
-
-@triton.jit
 def _anchor_pool_fwd_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, out_ptr, lse_ptr,
     part_acc_ptr, part_max_ptr, part_sum_ptr,
@@ -96,13 +49,20 @@ def _anchor_pool_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    batch, head, batch_head, split, offs_n, offs_d, n_valid = _query_block(
-        num_heads, seq_n, BLOCK_N, HEAD_DIM
-    )
+    n_block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    split = tl.program_id(2)
+    batch = (batch_head // num_heads).to(tl.int64)
+    head = (batch_head % num_heads).to(tl.int64)
     in_dtype = q_ptr.dtype.element_ty
-    q = _load_tile(
-        q_ptr + batch * stride_qb + head * stride_qh, offs_n, stride_qn, offs_d, stride_qd,
-        n_valid,
+
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_valid = offs_n < seq_n
+    q = tl.load(
+        q_ptr + batch * stride_qb + head * stride_qh
+        + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        mask=n_valid[:, None], other=0.0,
     ).to(DOT_DTYPE)  # fmt: skip
     k_base = k_ptr + batch * stride_kb + head * stride_kh
     v_base = v_ptr + batch * stride_vb + head * stride_vh
@@ -116,7 +76,10 @@ def _anchor_pool_fwd_kernel(
     for l0 in range(l_start, l_end, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         l_valid = offs_l < l_end
-        k = _load_tile(k_base, offs_l, stride_kl, offs_d, stride_kd, l_valid).to(DOT_DTYPE)
+        k = tl.load(
+            k_base + offs_l[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+            mask=l_valid[:, None], other=0.0,
+        ).to(DOT_DTYPE)  # fmt: skip
         logits = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         logits = tl.where(l_valid[None, :], logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))
@@ -129,7 +92,10 @@ def _anchor_pool_fwd_kernel(
             gate_base + offs_l[None, :] * stride_gl,
             mask=n_valid[:, None] & l_valid[None, :], other=0.0,
         ).to(tl.float32)  # fmt: skip
-        v = _load_tile(v_base, offs_l, stride_vl, offs_d, stride_vd, l_valid).to(DOT_DTYPE)
+        v = tl.load(
+            v_base + offs_l[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+            mask=l_valid[:, None], other=0.0,
+        ).to(DOT_DTYPE)  # fmt: skip
         # The gate weighs the numerator only: the softmax denominator is ungated.
         acc = acc * rescale[:, None]
         heat = (probs * gate).to(in_dtype).to(DOT_DTYPE)
@@ -141,12 +107,19 @@ def _anchor_pool_fwd_kernel(
         tl.store(part_max_ptr + part_row, row_max, mask=n_valid)
         tl.store(part_sum_ptr + part_row, row_sum, mask=n_valid)
         tl.store(
-            _tile_ptrs(part_acc_ptr, part_row, HEAD_DIM, offs_d, 1), acc, mask=n_valid[:, None]
-        )
+            part_acc_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], acc,
+            mask=n_valid[:, None],
+        )  # fmt: skip
     else:
-        _store_out_and_lse(
-            out_ptr, lse_ptr, acc, row_max, row_sum, batch, head, batch_head, offs_n, offs_d,
-            n_valid, seq_n, stride_ob, stride_oh, stride_on, stride_od,
+        out = acc / row_sum[:, None]
+        tl.store(
+            out_ptr + batch * stride_ob + head * stride_oh
+            + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od,
+            out.to(out_ptr.dtype.element_ty), mask=n_valid[:, None],
+        )  # fmt: skip
+        tl.store(
+            lse_ptr + batch_head.to(tl.int64) * seq_n + offs_n,
+            row_max + tl.log2(row_sum), mask=n_valid,
         )  # fmt: skip
 
 
@@ -157,9 +130,13 @@ def _anchor_pool_merge_kernel(
     num_heads, seq_n, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    batch, head, batch_head, _, offs_n, offs_d, n_valid = _query_block(
-        num_heads, seq_n, BLOCK_N, HEAD_DIM
-    )
+    n_block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // num_heads).to(tl.int64)
+    head = (batch_head % num_heads).to(tl.int64)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_valid = offs_n < seq_n
 
     row_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_N], tl.float32)
@@ -169,7 +146,10 @@ def _anchor_pool_merge_kernel(
         # Padding rows read max 0 (not -inf) so that no -inf - -inf = nan appears.
         split_max = tl.load(part_max_ptr + part_row, mask=n_valid, other=0.0)
         split_sum = tl.load(part_sum_ptr + part_row, mask=n_valid, other=0.0)
-        split_acc = _load_tile(part_acc_ptr, part_row, HEAD_DIM, offs_d, 1, n_valid)
+        split_acc = tl.load(
+            part_acc_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=n_valid[:, None], other=0.0,
+        )  # fmt: skip
         new_max = tl.maximum(row_max, split_max)
         old_weight = tl.exp2(row_max - new_max)
         split_weight = tl.exp2(split_max - new_max)
@@ -178,9 +158,15 @@ def _anchor_pool_merge_kernel(
         row_max = new_max
 
     safe_sum = tl.where(n_valid, row_sum, 1.0)
-    _store_out_and_lse(
-        out_ptr, lse_ptr, acc, row_max, safe_sum, batch, head, batch_head, offs_n, offs_d,
-        n_valid, seq_n, stride_ob, stride_oh, stride_on, stride_od,
+    out = acc / safe_sum[:, None]
+    tl.store(
+        out_ptr + batch * stride_ob + head * stride_oh
+        + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od,
+        out.to(out_ptr.dtype.element_ty), mask=n_valid[:, None],
+    )  # fmt: skip
+    tl.store(
+        lse_ptr + batch_head.to(tl.int64) * seq_n + offs_n,
+        row_max + tl.log2(safe_sum), mask=n_valid,
     )  # fmt: skip
 
 
@@ -227,25 +213,30 @@ def _anchor_pool_bwd_kv_kernel(
         grad_gate = tl.zeros([BLOCK_N, BLOCK_L], tl.float32)
         # The batch offset is int64, which makes every sum of offsets below int64.
         for head in range(first_head, first_head + heads_per_program):
-            k = _load_tile(
-                k_ptr + batch * stride_kb + head * stride_kh, offs_l, stride_kl, offs_d,
-                stride_kd, l_valid,
+            k = tl.load(
+                k_ptr + batch * stride_kb + head * stride_kh
+                + offs_l[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                mask=l_valid[:, None], other=0.0,
             ).to(DOT_DTYPE)  # fmt: skip
-            v = _load_tile(
-                v_ptr + batch * stride_vb + head * stride_vh, offs_l, stride_vl, offs_d,
-                stride_vd, l_valid,
+            v = tl.load(
+                v_ptr + batch * stride_vb + head * stride_vh
+                + offs_l[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                mask=l_valid[:, None], other=0.0,
             ).to(DOT_DTYPE)  # fmt: skip
-            q = _load_tile(
-                q_ptr + batch * stride_qb + head * stride_qh, offs_n, stride_qn, offs_d,
-                stride_qd, n_valid,
+            q = tl.load(
+                q_ptr + batch * stride_qb + head * stride_qh
+                + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=n_valid[:, None], other=0.0,
             ).to(DOT_DTYPE)  # fmt: skip
-            grad_out = _load_tile(
-                grad_out_ptr + batch * stride_dob + head * stride_doh, offs_n, stride_don,
-                offs_d, stride_dod, n_valid,
+            grad_out = tl.load(
+                grad_out_ptr + batch * stride_dob + head * stride_doh
+                + offs_n[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                mask=n_valid[:, None], other=0.0,
             ).to(DOT_DTYPE)  # fmt: skip
-            out = _load_tile(
-                out_ptr + batch * stride_ob + head * stride_oh, offs_n, stride_on, offs_d,
-                stride_od, n_valid,
+            out = tl.load(
+                out_ptr + batch * stride_ob + head * stride_oh
+                + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od,
+                mask=n_valid[:, None], other=0.0,
             )  # fmt: skip
             lse = tl.load(
                 lse_ptr + (batch * num_heads + head) * seq_n + offs_n, mask=n_valid, other=0.0
@@ -264,13 +255,13 @@ def _anchor_pool_bwd_kv_kernel(
             grad_logits_in = grad_logits.to(in_dtype).to(DOT_DTYPE)
             grad_k = tl.dot(tl.trans(grad_logits_in), q, input_precision=INPUT_PRECISION) * scale
 
-            grad_k_ptrs = _tile_ptrs(
-                grad_k_ptr + batch * stride_dkb + head * stride_dkh, offs_l, stride_dkl, offs_d,
-                stride_dkd,
+            grad_k_ptrs = (
+                grad_k_ptr + batch * stride_dkb + head * stride_dkh
+                + offs_l[:, None] * stride_dkl + offs_d[None, :] * stride_dkd
             )  # fmt: skip
-            grad_v_ptrs = _tile_ptrs(
-                grad_v_ptr + batch * stride_dvb + head * stride_dvh, offs_l, stride_dvl, offs_d,
-                stride_dvd,
+            grad_v_ptrs = (
+                grad_v_ptr + batch * stride_dvb + head * stride_dvh
+                + offs_l[:, None] * stride_dvl + offs_d[None, :] * stride_dvd
             )  # fmt: skip
             if ACCUMULATE_KV:
                 grad_k += tl.load(grad_k_ptrs, mask=l_valid[:, None], other=0.0)
@@ -299,20 +290,30 @@ def _anchor_pool_bwd_q_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    batch, head, batch_head, split, offs_n, offs_d, n_valid = _query_block(
-        num_heads, seq_n, BLOCK_N, HEAD_DIM
-    )
-    q = _load_tile(
-        q_ptr + batch * stride_qb + head * stride_qh, offs_n, stride_qn, offs_d, stride_qd,
-        n_valid,
+    n_block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    split = tl.program_id(2)
+    batch = (batch_head // num_heads).to(tl.int64)
+    head = (batch_head % num_heads).to(tl.int64)
+    in_dtype = q_ptr.dtype.element_ty
+
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_valid = offs_n < seq_n
+    row_offsets = offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(
+        q_ptr + batch * stride_qb + head * stride_qh + row_offsets,
+        mask=n_valid[:, None], other=0.0,
     ).to(DOT_DTYPE)  # fmt: skip
-    grad_out = _load_tile(
-        grad_out_ptr + batch * stride_dob + head * stride_doh, offs_n, stride_don, offs_d,
-        stride_dod, n_valid,
+    grad_out = tl.load(
+        grad_out_ptr + batch * stride_dob + head * stride_doh
+        + offs_n[:, None] * stride_don + offs_d[None, :] * stride_dod,
+        mask=n_valid[:, None], other=0.0,
     ).to(DOT_DTYPE)  # fmt: skip
-    out = _load_tile(
-        out_ptr + batch * stride_ob + head * stride_oh, offs_n, stride_on, offs_d, stride_od,
-        n_valid,
+    out = tl.load(
+        out_ptr + batch * stride_ob + head * stride_oh
+        + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od,
+        mask=n_valid[:, None], other=0.0,
     )  # fmt: skip
     lse = tl.load(lse_ptr + batch_head.to(tl.int64) * seq_n + offs_n, mask=n_valid, other=0.0)
     delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
@@ -320,7 +321,6 @@ def _anchor_pool_bwd_q_kernel(
     v_base = v_ptr + batch * stride_vb + head * stride_vh
     gate_base = gate_ptr + batch * stride_gb + offs_n[:, None] * stride_gn
 
-    in_dtype = q_ptr.dtype.element_ty
     grad_q = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     l_start = split * chunk_len
     l_end = tl.minimum(l_start + chunk_len, seq_l)
@@ -328,8 +328,14 @@ def _anchor_pool_bwd_q_kernel(
         offs_l = l0 + tl.arange(0, BLOCK_L)
         l_valid = offs_l < l_end
         tile_valid = n_valid[:, None] & l_valid[None, :]
-        k = _load_tile(k_base, offs_l, stride_kl, offs_d, stride_kd, l_valid).to(DOT_DTYPE)
-        v = _load_tile(v_base, offs_l, stride_vl, offs_d, stride_vd, l_valid).to(DOT_DTYPE)
+        k = tl.load(
+            k_base + offs_l[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+            mask=l_valid[:, None], other=0.0,
+        ).to(DOT_DTYPE)  # fmt: skip
+        v = tl.load(
+            v_base + offs_l[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+            mask=l_valid[:, None], other=0.0,
+        ).to(DOT_DTYPE)  # fmt: skip
         gate = tl.load(gate_base + offs_l[None, :] * stride_gl, mask=tile_valid, other=0.0).to(
             tl.float32
         )
@@ -344,12 +350,13 @@ def _anchor_pool_bwd_q_kernel(
     if SPLIT:
         part_row = (batch_head * num_splits + split).to(tl.int64) * seq_n + offs_n
         tl.store(
-            _tile_ptrs(grad_q_ptr, part_row, HEAD_DIM, offs_d, 1), grad_q, mask=n_valid[:, None]
-        )
+            grad_q_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], grad_q,
+            mask=n_valid[:, None],
+        )  # fmt: skip
     else:
         tl.store(
-            _tile_ptrs(grad_q_ptr + batch * stride_dqb + head * stride_dqh, offs_n, stride_dqn,
-                       offs_d, stride_dqd),
+            grad_q_ptr + batch * stride_dqb + head * stride_dqh
+            + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
             grad_q.to(grad_q_ptr.dtype.element_ty), mask=n_valid[:, None],
         )  # fmt: skip
 
