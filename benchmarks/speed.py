@@ -60,7 +60,7 @@ def main() -> None:
     }
     one = rows["one-pass segment()"]
     print(f"# {args.model}, {args.size}x{args.size}, {args.classes} classes, "
-          f"{model.config.proposals.num_queries} proposals, device={args.device}, "
+          f"{model.config.family_config.proposals.num_queries} proposals, device={args.device}, "
           f"threads={torch.get_num_threads()}, {platform.processor() or platform.machine()}")
     print(f"| {'what':36} | {'median s':>9} |")
     print(f"|{'-' * 38}|{'-' * 11}|")
