@@ -294,7 +294,10 @@ class TextEncoder(nn.Module):
         key = tuple(vocabulary) if not isinstance(vocabulary, str) else None
         if use_cache and key in vocabularies:
             vocabularies.move_to_end(key)
-            return vocabularies[key]
+            out = vocabularies[key]
+            if out.is_inference() and not torch.is_inference_mode_enabled():
+                out = out.clone()  # an inference tensor cannot enter autograd's graph
+            return out
         classes = parse_vocabulary(vocabulary)
         names = sorted({n for syn in classes for n in syn})
         self.check_distinct(names)
