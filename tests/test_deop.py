@@ -254,3 +254,22 @@ def test_label_map_pruning_of_assembled_scores_is_exact():
         scores = seg.model.predict_scores(canvas[None], seg.encode_text(vocab), [geometry.resized])
     kept = scores.candidates(torch.arange(0, 8))
     assert 0 < len(kept) < len(vocab)  # the bound prunes
+
+
+def test_label_map_paths_for_few_and_many_candidates_agree(monkeypatch):
+    """The band-wide candidate set and the per-tile groups give the same label map."""
+    import onepass_ovs.result as result_module
+
+    seg = Segmenter.from_config("deop-tiny", seed=0)
+    with torch.no_grad():
+        seg.model.proposals.mask_embed.layers[-1].weight.mul_(30)
+    vocab = [f"class {i}" for i in range(120)]
+    image = torch.rand(3, 50, 70, generator=torch.Generator().manual_seed(3))
+    wide = seg.segment(image, vocab).label_map
+    monkeypatch.setattr(result_module, "_UNION_CLASSES", 0)
+    grouped = seg.segment(image, vocab)
+    np.testing.assert_array_equal(grouped.label_map, wide)
+    probs = grouped.probs
+    top2 = np.sort(probs, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-6
+    np.testing.assert_array_equal(wide[clear], probs.argmax(0)[clear])

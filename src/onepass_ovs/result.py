@@ -18,7 +18,8 @@ _BAND_BYTES = 32 * 2**20  # rows of the full-size maps made at once: bounds memo
 _PRUNE_MIN_CLASSES = 2  # label maps of fewer classes upsample every class
 _MERGE_ROWS = 24
 _TILE = 16  # output columns per tile when bounding assembled scores (DeOP, GKC)
-_TILE_GROUP = 32  # tiles whose candidates are scored together  # output rows labelled together (their candidate classes merged)
+_TILE_GROUP = 32  # tiles whose candidates are scored together
+_UNION_CLASSES = 64  # up to this many candidates in a band, every tile scores them all  # output rows labelled together (their candidate classes merged)
 _PRUNE_BYTES = 16 * 2**20  # low-resolution window max/min computed this many bytes at a time
 # Relative slack on the "can this class win" bound: the blended scores are float32 sums
 # whose rounding can stray a few ulps beyond the exact convex combination.
@@ -352,23 +353,16 @@ class SegmentationResult:
             hi = tiles.amax((1, 3))
             upper, lower = probs.t() @ hi, probs.t() @ lo  # (K, tiles)
             candidate = upper >= lower.amax(0) * (1 - 1e-5) - 1e-7
-            best_score = torch.empty(r, tiles.shape[2], _TILE)
-            label = torch.empty(r, tiles.shape[2], _TILE, dtype=torch.long)
-            # tiles in groups of similar candidate counts, each padded to its own largest
-            counts = candidate.sum(0)
-            by_count = counts.argsort()
-            for group in by_count.split(_TILE_GROUP):
-                width = int(counts[group].max())
-                order = torch.sort(candidate[:, group].to(torch.uint8), dim=0, descending=True,
-                                   stable=True)
-                ids = order.indices[:width]  # (C, g): ascending class ids first
-                valid = order.values[:width].bool()
-                weights = probs[:, ids]  # (N, C, g)
-                scores = torch.einsum("nrtp,nct->rtpc", tiles[:, :, group], weights)
-                scores = scores.masked_fill(~valid.t()[None, :, None, :], float("-inf"))
-                value, best = scores.max(-1)  # (r, g, T)
-                best_score[:, group] = value
-                label[:, group] = ids.t()[torch.arange(len(group))[None, :, None], best]
+            union = candidate.any(1).nonzero().flatten()
+            if len(union) <= _UNION_CLASSES:
+                # few classes can win anywhere in the band: score them all, each tile
+                # ignoring the ones that cannot win there
+                scores = torch.einsum("nrtp,nu->rtpu", tiles, probs[:, union])
+                scores = scores.masked_fill(~candidate[union].t()[None, :, None, :], float("-inf"))
+                best_score, best = scores.max(-1)  # (r, tiles, T)
+                label = union[best]
+            else:
+                best_score, label = self._tile_groups(tiles, probs, candidate)
             best_score = best_score.reshape(r, -1)[:, :w0]
             label = label.reshape(r, -1)[:, :w0].to(torch.int32)
             if self.unknown_threshold is not None:
@@ -377,6 +371,29 @@ class SegmentationResult:
                 label[best_prob < self.unknown_threshold] = self.unknown_label
             labels[top:bottom] = label.numpy()
         return labels
+
+    @staticmethod
+    def _tile_groups(tiles: torch.Tensor, probs: torch.Tensor, candidate: torch.Tensor):
+        """Best score and class per pixel of (N, r, tiles, T) mask values, each tile over
+        its own candidate classes (``candidate`` (K, tiles)); tiles with similar candidate
+        counts are scored together, padded to the group's largest count."""
+        r, num_tiles = tiles.shape[1], tiles.shape[2]
+        k = probs.shape[1]
+        best_score = torch.empty(r, num_tiles, _TILE)
+        label = torch.empty(r, num_tiles, _TILE, dtype=torch.long)
+        counts = candidate.sum(0)
+        # candidates first, in ascending class order (ties then go to the lowest index)
+        rank = candidate.float() * 2 - torch.arange(k, dtype=torch.float32)[:, None] / k
+        for group in counts.argsort().split(_TILE_GROUP):
+            width = int(counts[group].max())
+            value, ids = rank[:, group].topk(width, dim=0)  # (C, g)
+            valid = value > 0.5
+            scores = torch.einsum("nrtp,nct->rtpc", tiles[:, :, group], probs[:, ids])
+            scores = scores.masked_fill(~valid.t()[None, :, None, :], float("-inf"))
+            value, best = scores.max(-1)  # (r, g, T)
+            best_score[:, group] = value
+            label[:, group] = ids.t()[torch.arange(len(group))[None, :, None], best]
+        return best_score, label
 
     def _label_rows(self, top: int, bottom: int, class_ids: torch.Tensor | None) -> np.ndarray:
         """Label rows [top, bottom) considering only ``class_ids`` (sorted; None: all).
