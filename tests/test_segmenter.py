@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from onepass_ovs import SegmentationResult, Segmenter
+from onepass_ovs import SegmentationResult
 
 VOCAB = ["cat", "sofa, couch", "background"]
 
