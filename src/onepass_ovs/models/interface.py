@@ -9,8 +9,10 @@ image pass can serve any number of vocabularies::
 
 Shapes: images (B, 3, H, W) in [0, 1], zero-padded to the config's pad multiple;
 image_sizes the valid (h, w) of each image (None: all fill the canvas); text embeddings
-(K, E) L2-normalised (``model.text(vocabulary)``); scores (B, K, h', w') non-negative class
-scores on the padded canvas at any stride dividing the pad multiple.
+from ``model.text(vocabulary)``, L2-normalised, K first: (K, E) for DeOP and the clip
+family, (K, P, E) per prompt template for SED, (K, S, E) per name for GKC; scores
+(B, K, h', w') non-negative class scores on the padded canvas at any stride dividing the
+pad multiple, or lazy :class:`~onepass_ovs.models.assembly.AssembledScores` (DeOP, GKC).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class SegmentationModel(Protocol):
     config: ModelConfig
 
     def text(self, vocabulary: Sequence[str]) -> torch.Tensor:
-        """(K, E) normalised class embeddings; each name is encoded once and cached."""
+        """Normalised class embeddings, K first (see above); each name is encoded once and
+        cached."""
         ...
 
     def encode_image(self, images: torch.Tensor, image_sizes=None) -> dict[str, torch.Tensor]:
