@@ -166,6 +166,12 @@ class _RowUpsampler:
         )
         self.rows_index, self.rows_weight, self.rows_key = _axis_taps(h, hp, h1, h0)
         self.cols_index, self.cols_weight, self.cols_key = _axis_taps(w, wp, w1, w0)
+        # output column j is input column j (no resize): the column taps can be skipped
+        self.cols_identity = bool(
+            w0 <= w
+            and torch.equal(self.cols_index[:, 0], torch.arange(w0))
+            and bool((self.cols_weight[:, 0] == 1).all())
+        )
 
     def rows(self, scores, start: int, stop: int) -> torch.Tensor:
         """(C, h, w) low-resolution scores -> rows [start, stop) of the (C, H0, W0) map.
@@ -177,10 +183,15 @@ class _RowUpsampler:
         if isinstance(scores, torch.Tensor):
             return self.at(scores, slice(start, stop), slice(None))
         index = self.rows_index[start:stop]
-        needed, local = torch.unique(index, return_inverse=True)
-        block = scores.rows(needed)[0]  # (C, n, w)
         weight = self.rows_weight[start:stop]
-        band = sum(block[:, local[:, t]] * weight[:, t, None] for t in range(4))
+        used = (weight != 0).any(0)  # taps with weight anywhere in the band
+        used[0] = True
+        needed, local = torch.unique(index[:, used], return_inverse=True)
+        block = scores.rows(needed)[0]  # (C, n, w)
+        taps = used.nonzero().flatten().tolist()
+        band = sum(block[:, local[:, i]] * weight[:, t, None] for i, t in enumerate(taps))
+        if self.cols_identity:
+            return band[:, :, : len(self.cols_index)]
         index, weight = self.cols_index, self.cols_weight
         return sum(band[:, :, index[:, t]] * weight[:, t] for t in range(4))
 
