@@ -339,6 +339,11 @@ class DenseViT(nn.Module):
                 x = block(x)
         return x, grid
 
+    def _apply(self, fn, *args, **kwargs):
+        # moving or casting the module replaces its tables: forget their resized copies
+        self.__dict__.pop("_position_cache", None)
+        return super()._apply(fn, *args, **kwargs)
+
     def _positions(self, table: torch.Tensor, grid: tuple[int, int], dtype) -> torch.Tensor:
         """``interpolate_positions(table, grid)`` in ``dtype``, remembered per grid when no
         gradient flows: bicubic resizing of 7 tables was a quarter of DeOP's GPU time per
