@@ -247,13 +247,6 @@ def test_label_map_pruning_of_assembled_scores_is_exact():
     clear = (top2[1] - top2[0]) > 1e-6
     assert clear.mean() > 0.9
     np.testing.assert_array_equal(res.label_map[clear], probs.argmax(0)[clear])
-    from onepass_ovs.images import prepare, to_tensor
-
-    canvas, geometry = prepare(to_tensor(image)[0], seg.config.preprocess)
-    with torch.no_grad():
-        scores = seg.model.predict_scores(canvas[None], seg.encode_text(vocab), [geometry.resized])
-    kept = scores.candidates(torch.arange(0, 8))
-    assert 0 < len(kept) < len(vocab)  # the bound prunes
 
 
 def test_label_map_paths_for_few_and_many_candidates_agree(monkeypatch):

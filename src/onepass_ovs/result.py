@@ -413,11 +413,7 @@ class SegmentationResult:
         full-width maps at a time.
         """
         k = len(self.classes)
-        lazy = not isinstance(self._scores, torch.Tensor)
-        if class_ids is None:
-            scores = None
-        else:
-            scores = self._scores.take(class_ids) if lazy else self._scores[class_ids]
+        scores = None if class_ids is None else self._scores[class_ids]  # tensor scores only
         num = k if class_ids is None else len(class_ids)
         w0 = self.size[1]
         out = np.empty((bottom - top, w0), dtype=np.int32)
@@ -428,8 +424,6 @@ class SegmentationResult:
             for start in range(0, num, _CLASS_CHUNK):
                 if class_ids is None:
                     chunk = self._classes(start, start + _CLASS_CHUNK)
-                elif lazy:
-                    chunk = scores.select(start, start + _CLASS_CHUNK)
                 else:
                     chunk = scores[start : start + _CLASS_CHUNK]
                 up = self._upsampler.rows(chunk, band_top, band_bottom)
@@ -467,14 +461,8 @@ class SegmentationResult:
         h0 = self.size[0]
         scores = self._scores
         if not isinstance(scores, torch.Tensor):
-            # lazy assembled scores (DeOP, GKC): bounds from the masks over each band's rows
-            if k <= _PRUNE_MIN_CLASSES:
-                yield 0, h0, None
-                return
-            for top in range(0, h0, _MERGE_ROWS):
-                bottom = min(top + _MERGE_ROWS, h0)
-                rows = torch.unique(self._upsampler.rows_index[top:bottom])
-                yield top, bottom, scores.candidates(rows)
+            # lazy assembled scores of a few classes (more go to _assembled_label_map)
+            yield 0, h0, None
             return
         # scores are >= 0, so a non-finite sum means a NaN / inf somewhere (or an overflow):
         # leave those to the plain argmax, which is the reference behaviour

@@ -94,34 +94,12 @@ class AssembledScores:
         """Classes [start, stop)."""
         return self._with(self.mask_logits, self.probs[..., start:stop])
 
-    def take(self, class_ids: torch.Tensor) -> AssembledScores:
-        """The classes ``class_ids`` (a LongTensor), in that order."""
-        return self._with(self.mask_logits, self.probs[..., class_ids.to(self.probs.device)])
-
     def mask_maps(self) -> AssembledScores:
         """The sigmoid mask maps sigmoid(up(M_n)) of the first image as a lazy score map of
         N "classes" (identity class probabilities): ``rows(index)`` -> (1, N, n, W)."""
         n = self.mask_logits.shape[1]
         identity = torch.eye(n, device=self.probs.device)[None]
         return self._with(self.mask_logits[:1], identity)
-
-    def candidates(self, index: torch.Tensor, margin: float = 1e-5) -> torch.Tensor:
-        """Sorted ids of the classes that can be the best class at some pixel of the canvas
-        rows ``index`` (any batch item).
-
-        At a pixel, sem[c] = sum_n p_n[c] m_n with m_n in [min_n, max_n] over those rows, so
-        sem[c] <= sum_n p_n[c] max_n and sem[c] >= sum_n p_n[c] min_n; a class whose upper
-        bound is below another's lower bound never wins there. Exact up to ``margin``
-        (relative), which keeps ties and float rounding on the safe side.
-        """
-        masks = self._mask_rows(torch.as_tensor(index, dtype=torch.long))  # (B, N, n, W)
-        flat = masks.flatten(2)
-        probs = self.probs.float()
-        upper = torch.einsum("bnk,bn->bk", probs, flat.amax(-1))
-        lower = torch.einsum("bnk,bn->bk", probs, flat.amin(-1))
-        best_lower = lower.amax(-1, keepdim=True)
-        keep = (upper >= best_lower * (1 - margin) - margin).any(0)
-        return keep.nonzero().flatten().cpu()
 
     def class_sum(self) -> AssembledScores:
         """The sum over classes, as a one-class score map."""
