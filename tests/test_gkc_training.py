@@ -298,6 +298,36 @@ def test_teacher_embeddings_are_eval_mode_region_crops_and_cached(data_root, tmp
     assert not torch.allclose(recomputed, embeddings)
 
 
+def test_in_place_region_view_keeps_scale_and_invalidates_box_caches(data_root, tmp_path):
+    dataset = FolderDataset(data_root)
+    model, cfg = tiny_open_clip(seed=5)
+    box = FrozenClip.from_open_clip(model, cfg, name="tiny")
+    in_place = FrozenClip.from_open_clip(model, cfg, name="tiny", region_view="in_place")
+    with pytest.raises(ValueError, match="region_view"):
+        FrozenClip.from_open_clip(model, cfg, name="tiny", region_view="boxes")
+
+    # the reference: the whole 64 px image, grey outside the mask, nothing cropped or
+    # resized, open_clip's encode_image
+    image, label = dataset.load(0)
+    class_id = int(torch.unique(label)[-1])
+    mask = label == class_id
+    grey = torch.where(mask, image.float() / 255, torch.tensor(128 / 255))[None]
+    norm = (grey - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    for greyed in (True, False):  # an in-place view always greys the rest
+        inputs = in_place.region_inputs(image.float() / 255, mask[None], greyed=greyed)
+        assert torch.allclose(inputs, norm, atol=1e-6)
+    with torch.no_grad():
+        reference = F.normalize(model.encode_image(norm), dim=-1)[0]
+
+    path = tmp_path / "teacher.safetensors"
+    boxed, _ = load_or_embed_regions(path, dataset, box)
+    embeddings, keys = load_or_embed_regions(path, dataset, in_place)  # other view: recomputed
+    row = keys.index((dataset.stem(0), class_id))
+    assert torch.allclose(embeddings[row], reference, atol=1e-5)
+    assert not torch.allclose(embeddings[row], boxed[row], atol=1e-3)
+    assert in_place.cache_name != box.cache_name
+
+
 # -- the per-load synonym draw and the mask losses -----------------------------------------------
 
 
@@ -504,7 +534,8 @@ def test_ovs_train_gkc_command(data_root, tmp_path):
               "--workers", "0", "--no-progress", "--unseen", "yellow box"]  # fmt: skip
     result = runner.invoke(app, ["gkc", *common, "--output", str(tmp_path / "out"),
                                  "--synonyms-json", str(synonyms), "--clip", f"local-dir:{rn_dir}",
-                                 "--teacher", f"local-dir:{clip_dir}"])  # fmt: skip
+                                 "--teacher", f"local-dir:{clip_dir}",
+                                 "--region-view", "in_place"])  # fmt: skip
     assert result.exit_code == 0, result.output
     saved = load_file(tmp_path / "out" / "model.safetensors")
     # --clip initialised the (frozen) text tower from the RN CLIP's weights
@@ -515,10 +546,14 @@ def test_ovs_train_gkc_command(data_root, tmp_path):
     record = json.loads((tmp_path / "out" / "training" / "stage.json").read_text())
     assert record["synonyms"][1] == ["red box", "crimson box", "scarlet box", "ruby box"]
     scores = json.loads((tmp_path / "out" / "training" / "synonym_scores.json").read_text())
-    assert scores["clip"] == f"local-dir:{clip_dir}"
+    assert scores["clip"] == f"local-dir:{clip_dir} [in_place]"
+    assert record["region_view"] == "in_place"
 
     result = runner.invoke(app, ["gkc", *common, "--output", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--teacher" in result.output
+    result = runner.invoke(app, ["gkc", *common, "--output", str(tmp_path / "y"), "--teacher",
+                                 f"local-dir:{clip_dir}", "--region-view", "crop"])  # fmt: skip
+    assert result.exit_code == 2 and "--region-view" in result.output
 
 
 @pytest.mark.slow

@@ -52,3 +52,42 @@ def test_quick_recipe_runs_end_to_end_with_all_rows(tmp_path):
     assert model.config.clip.severance == "weighted"
     ablation = Segmenter.from_pretrained(out / "ablations" / "severance_mask_guided", device="cpu")
     assert ablation.config.clip.severance == "mask-guided"
+
+
+@pytest.mark.slow
+def test_quick_gkc_recipe_trains_every_row_and_saves_a_text_only_model(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from onepass_ovs import Segmenter
+    from onepass_ovs.toy import build_gkc
+    from onepass_ovs.toy.clip import build_tiny_clip, save_open_clip_folder, tiny_clip_config
+
+    torch.manual_seed(0)
+    cfg = tiny_clip_config()
+    clip = build_tiny_clip(cfg)
+    clip_dir = save_open_clip_folder(clip, cfg, tmp_path / "clip")
+    out = tmp_path / "gkc"
+    build_gkc.main(["--output", str(out), "--clip", str(clip_dir), "--quick", "--ablations",
+                    "--no-progress"])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["models"]) == set(build_gkc.VARIANTS)
+    for name, (use_synonyms, distill) in build_gkc.VARIANTS.items():
+        step = summary["steps"][f"gkc_{name}"]
+        assert (step["use_synonyms"], step["distill"]) == (use_synonyms, distill)
+        assert step["train"]["step"] == build_gkc.QUICK["steps"]
+        assert ("loss_kd" in step["train"]) == distill
+        assert ("loss_syn_ce" in step["train"]) == use_synonyms
+    record = json.loads((out / "work" / "gkc_gkc" / "training" / "stage.json").read_text())
+    assert record["region_view"] == "in_place"
+    assert record["synonyms"][1][0] == "red circle" and len(record["synonyms"][1]) > 1
+
+    # the shipped folder: fp16, no image tower of the CLIP, the CLIP's text tower
+    saved = load_file(out / "model" / "model.safetensors")
+    assert not any(k.startswith(("visual.", "clip_visual.")) for k in saved)
+    assert torch.equal(saved["text_encoder.token_embedding.weight"],
+                       clip.token_embedding.weight.half())  # fmt: skip
+    model = Segmenter.from_pretrained(out / "model", device="cpu")
+    assert model.config.family == "gkc" and model.config.name == "demo-gkc"
+    result = model.segment(torch.zeros(128, 128, 3, dtype=torch.uint8).numpy(), ["red circle", "background"])
+    assert result.label_map.shape == (128, 128)

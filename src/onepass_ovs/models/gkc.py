@@ -356,11 +356,17 @@ class GKC(nn.Module):
         and its text tower into this model."""
         if not isinstance(self.backbone, CLIPResNetTrunk):
             raise ValueError("load_clip_weights needs the 'clip-resnet' backbone")
-        check_activation_matches(self.text_encoder, clip_model)
         visual = OrderedDict(
             (k, v) for k, v in clip_model.visual.state_dict().items() if not k.startswith("attnpool.")
         )
         self.backbone.load_state_dict(visual, strict=True)
+        self.load_text_weights(clip_model)
+
+    def load_text_weights(self, clip_model: nn.Module) -> None:
+        """Copy an open_clip ``CLIP``'s text tower (any image tower) into this model: a
+        segmenter whose trunk is trained from scratch still names classes with that
+        CLIP's text embeddings."""
+        check_activation_matches(self.text_encoder, clip_model)
         text_state = {
             k: v for k, v in clip_model.state_dict().items()
             if k.split(".")[0] in ("token_embedding", "positional_embedding", "transformer",

@@ -323,11 +323,12 @@ def build(
     return summary.data
 
 
-def install(model_dir: Path) -> Path:
-    """Copy a built model folder into the package as the ``demo`` preset."""
+def install(model_dir: Path, preset: str = "demo") -> Path:
+    """Copy a built model folder into the package as a pretrained preset (``demo``,
+    ``demo-sed``, ``demo-gkc``)."""
     from ..hub import package_weights_dir
 
-    target = package_weights_dir("demo")
+    target = package_weights_dir(preset)
     target.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors"):
         shutil.copy(Path(model_dir) / name, target / name)

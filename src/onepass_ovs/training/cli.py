@@ -346,6 +346,13 @@ def gkc(
     shapes_synonyms: bool = typer.Option(
         False, "--shapes-synonyms", help="Add the built-in shapes-world synonyms."
     ),
+    region_view: str = typer.Option(
+        "box",
+        "--region-view",
+        help="How the teacher and scorer see a region: 'box' (the authors' crop to the mask's "
+        "box) or 'in_place' (the whole image, the rest grey; for a CLIP that never saw "
+        "magnified objects).",
+    ),
     synonyms: bool = typer.Option(
         True, "--synonyms/--no-synonyms", help="Text diversification (off: class names only)."
     ),
@@ -370,6 +377,7 @@ def gkc(
         "crop_size": crop_size,
         "teacher": teacher,
         "scorer": scorer,
+        "region_view": region_view,
         "use_synonyms": synonyms,
         "distill": distill,
         "plain_loss": plain_loss,
@@ -382,6 +390,8 @@ def gkc(
         },
         "config_overrides": {"lr_multipliers": {"backbone": backbone_lr_mult}},
     }
+    if region_view not in ("box", "in_place"):
+        fail(f"--region-view must be 'box' or 'in_place', got {region_view!r}")
     if stage_options["distill"] and stage_options["teacher"] is None:
         fail("--teacher is needed for distillation (e.g. --teacher RN50/openai), or --no-distill")
     run("gkc", options, stage_options)

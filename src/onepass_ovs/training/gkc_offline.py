@@ -8,7 +8,8 @@ frozen CLIP, and the distillation teacher's embedding of each region. Both are c
   onepass model's CLIP (``"demo"``) or by :func:`load_frozen_clip` from a name.
 - :func:`score_synonyms`: per region (a class's pixels in one dataset image), the
   softmax over that class's synonyms of the CLIP's ``"a photo of {}"`` logits on the
-  region's box crop of the original image (no mask), as the authors.
+  region's box crop of the original image (no mask), as the authors (or the region in
+  place, see ``FrozenClip``'s ``region_view``).
 - :func:`teacher_embeddings`: per region, the teacher's L2-normalised image embedding of
   the un-augmented image, pixels outside the mask grey, cropped to the mask's box,
   resized to the CLIP's input size (:func:`~onepass_ovs.training.gkc_losses.
@@ -52,6 +53,7 @@ logger = logging.getLogger("onepass_ovs.training")
 
 SCORE_TEMPLATE = "a photo of {}"
 SCORES_FORMAT = 1
+REGION_VIEWS = ("box", "in_place")
 
 
 class FrozenClip(nn.Module):
@@ -64,6 +66,11 @@ class FrozenClip(nn.Module):
         mean, std: the CLIP's normalisation.
         logit_scale: the CLIP's softmax scale (its learned ``exp(s)``, 100 for OpenAI's).
         name: what the caches record (e.g. ``"RN50/openai"``).
+        region_view: how a region is shown to this CLIP. ``"box"`` (the authors'): the
+            crop to the region's bounding box, resized to S (greyed outside the mask for
+            distillation, not for synonym scoring). ``"in_place"``: the whole image with
+            the pixels outside the mask grey, so the region keeps its scale -- for a CLIP
+            that never saw magnified objects (the shapes world's tiny CLIP).
     """
 
     def __init__(
@@ -76,8 +83,12 @@ class FrozenClip(nn.Module):
         std: Sequence[float] = CLIP_STD,
         logit_scale: float = 100.0,
         name: str = "clip",
+        region_view: str = "box",
     ):
         super().__init__()
+        if region_view not in REGION_VIEWS:
+            raise ValueError(f"region_view must be one of {REGION_VIEWS}, got {region_view!r}")
+        self.region_view = region_view
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.input_size = int(input_size)
@@ -90,6 +101,23 @@ class FrozenClip(nn.Module):
 
     def train(self, mode: bool = True):
         return super().train(False)  # a teacher never leaves eval mode
+
+    @property
+    def cache_name(self) -> str:
+        """What the caches record: the name, and the region view when not the default."""
+        return self.name if self.region_view == "box" else f"{self.name} [{self.region_view}]"
+
+    def region_inputs(self, image: torch.Tensor, masks: torch.Tensor, greyed: bool) -> torch.Tensor:
+        """This CLIP's normalised inputs (R, 3, S, S) for the regions ``masks`` (R, H, W)
+        of ``image`` (3, H, W) in [0, 1]: ``greyed`` (distillation) greys the pixels
+        outside each mask; ``"in_place"`` views always grey them (a whole image is no view
+        of one region otherwise)."""
+        if self.region_view == "in_place":
+            return teacher_region_inputs(image, masks, self.input_size, self.mean, self.std,
+                                         crop=False)  # fmt: skip
+        if greyed:
+            return teacher_region_inputs(image, masks, self.input_size, self.mean, self.std)
+        return box_crop_inputs(image, masks, self.input_size, self.mean, self.std)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -121,6 +149,7 @@ class FrozenClip(nn.Module):
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
         name: str = "clip",
+        region_view: str = "box",
     ) -> FrozenClip:
         """An open_clip ``CLIP`` (any image tower: ResNet, ViT); its ``visual`` gives the
         pooled embedding (the RN's attention pool, the ViT's projected class token)."""
@@ -132,10 +161,12 @@ class FrozenClip(nn.Module):
         scale = float(clip_model.logit_scale.detach().exp().reshape(-1)[0])
         text = TextEncoder(clip_model, create_tokenizer(model_cfg), templates="single")
         return cls(clip_model.visual, text, input_size=size, mean=mean, std=std,
-                   logit_scale=scale, name=name)  # fmt: skip
+                   logit_scale=scale, name=name, region_view=region_view)  # fmt: skip
 
     @classmethod
-    def from_training_free(cls, model: nn.Module, *, name: str = "clip") -> FrozenClip:
+    def from_training_free(
+        cls, model: nn.Module, *, name: str = "clip", region_view: str = "box"
+    ) -> FrozenClip:
         """The CLIP of a :class:`~onepass_ovs.models.training_free.TrainingFreeCLIP` (e.g.
         ``Segmenter.from_clip("demo").model``): its tower's global embedding."""
         config = model.config
@@ -143,7 +174,8 @@ class FrozenClip(nn.Module):
         size = size[0] if isinstance(size, list | tuple) else size
         return cls(_GlobalEmbedding(model.clip_visual), model.text, input_size=size,
                    mean=config.preprocess.clip_mean, std=config.preprocess.clip_std,
-                   logit_scale=config.clip.logit_scale, name=name)  # fmt: skip
+                   logit_scale=config.clip.logit_scale, name=name,
+                   region_view=region_view)  # fmt: skip
 
 
 class _GlobalEmbedding(nn.Module):
@@ -161,6 +193,7 @@ def load_frozen_clip(
     device: str | torch.device | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    region_view: str = "box",
 ) -> FrozenClip:
     """A :class:`FrozenClip` named as ``--clip`` names CLIPs: ``"RN50/openai"`` (open_clip
     config + pretrained tag, safetensors from the Hub), ``"hf-hub:org/repo"``,
@@ -175,14 +208,14 @@ def load_frozen_clip(
         from ..models.training_free import load_training_free
 
         model = load_training_free(source, severance="none", templates="single")
-        clip = FrozenClip.from_training_free(model, name=str(spec))
+        clip = FrozenClip.from_training_free(model, name=str(spec), region_view=region_view)
     else:
         open_clip_model = create_clip(ClipConfig(model_name=str(spec), model_cfg=source.model_cfg))
         load_open_clip_weights(open_clip_model, source.weights)
         pre = source.preprocess
         clip = FrozenClip.from_open_clip(
             open_clip_model, source.model_cfg, mean=pre.get("mean", CLIP_MEAN),
-            std=pre.get("std", CLIP_STD), name=str(spec),
+            std=pre.get("std", CLIP_STD), name=str(spec), region_view=region_view,
         )  # fmt: skip
     return clip.to(device) if device is not None else clip
 
@@ -263,7 +296,7 @@ def score_synonyms(
         scores: dict[int, list[float]] = {}
         multi = [i for i in keep if int(classes[i]) in text]
         if multi:
-            crops = box_crop_inputs(image, masks[multi], clip.input_size, clip.mean, clip.std)
+            crops = clip.region_inputs(image, masks[multi], greyed=False)
             embeddings = clip.encode_images(crops)
             for row, i in enumerate(multi):
                 c = int(classes[i])
@@ -295,7 +328,7 @@ def load_or_score_synonyms(
     path = Path(path)
     record = {
         "format": SCORES_FORMAT,
-        "clip": clip.name if clip is not None else None,
+        "clip": clip.cache_name if clip is not None else None,
         "template": template,
         "synonyms": {str(c): list(v) for c, v in sorted(synonyms.items())},
         "images": _stems(dataset),
@@ -352,7 +385,7 @@ def teacher_embeddings(
         image, classes, masks = _regions(dataset, index)
         if classes.numel() == 0:
             continue
-        inputs = teacher_region_inputs(image, masks, clip.input_size, clip.mean, clip.std)
+        inputs = clip.region_inputs(image, masks, greyed=True)
         rows.append(clip.encode_images(inputs))
         keys += [(dataset.stem(index), int(c)) for c in classes.tolist()]
     if not rows:
@@ -383,7 +416,7 @@ def load_or_embed_regions(
                 embeddings = handle.get_tensor("embeddings")
             keys = [(str(s), int(c)) for s, c in json.loads(meta.get("keys", "[]"))]
             same = json.loads(meta.get("images", "null")) == images and (
-                clip is None or meta.get("teacher") == clip.name
+                clip is None or meta.get("teacher") == clip.cache_name
             )
             if same and embeddings.shape[0] == len(keys):
                 return embeddings, keys
@@ -402,7 +435,7 @@ def load_or_embed_regions(
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         save_file({"embeddings": embeddings}, str(temp), metadata={
-            "teacher": clip.name, "keys": json.dumps(keys), "images": json.dumps(images),
+            "teacher": clip.cache_name, "keys": json.dumps(keys), "images": json.dumps(images),
         })  # fmt: skip
         os.replace(temp, path)
     return embeddings, keys

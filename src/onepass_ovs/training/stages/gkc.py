@@ -374,15 +374,17 @@ def gkc_loss(model: nn.Module, batch: dict) -> dict:
 class _ClipLoader:
     """Loads each named CLIP once (the scorer defaults to the teacher)."""
 
-    def __init__(self, device):
+    def __init__(self, device, region_view: str):
         self.device = device
+        self.region_view = region_view
         self.loaded: dict[str, FrozenClip] = {}
 
     def __call__(self, spec: FrozenClip | str | None) -> FrozenClip | None:
         if spec is None or isinstance(spec, FrozenClip):
             return spec.to(self.device) if spec is not None else None
         if str(spec) not in self.loaded:
-            self.loaded[str(spec)] = load_frozen_clip(str(spec), device=self.device)
+            self.loaded[str(spec)] = load_frozen_clip(str(spec), device=self.device,
+                                                      region_view=self.region_view)  # fmt: skip
         return self.loaded[str(spec)]
 
 
@@ -398,6 +400,7 @@ def train_gkc(
     distill: bool = True,
     plain_loss: bool = True,
     crop_size: int | None = None,
+    region_view: str = "box",
     augment=None,
     cache_dir: str | os.PathLike | None = None,
     resume: bool | str | os.PathLike = False,
@@ -425,6 +428,10 @@ def train_gkc(
         use_synonyms, distill, plain_loss: turn text diversification, distillation and
             the plain class-name loss off (ablations).
         crop_size: square training crops; default the model's inference short side.
+        region_view: how CLIPs given by name see a region (:class:`~onepass_ovs.training.
+            gkc_offline.FrozenClip`): ``"box"`` (the authors' box crop) or ``"in_place"``
+            (the whole image, the rest grey: objects keep their scale). A
+            :class:`FrozenClip` passed in keeps its own.
         augment: replaces :func:`gkc_train_augment` (the synonym draw is kept).
         cache_dir: where the synonym scores and teacher embeddings are cached; default
             ``config.output_dir/training``.
@@ -442,7 +449,7 @@ def train_gkc(
         )
     cache = Path(cache_dir) if cache_dir is not None else run_dir
     dist = init_distributed(config.device)
-    clips = _ClipLoader(dist.device)
+    clips = _ClipLoader(dist.device, region_view)
 
     sets = build_synonym_sets(names, synonym_sources) if use_synonyms else [[n] for n in names]
     scores = None
@@ -492,6 +499,7 @@ def train_gkc(
             "teacher": getattr(teacher, "name", teacher) if distill else None,
             "scorer": getattr(scorer or teacher, "name", scorer or teacher) if use_synonyms else None,
             "teacher_mode": "eval",
+            "region_view": getattr(teacher, "region_view", region_view),
             "loss_options": {**LOSS_DEFAULTS, **loss_options},
             "num_points": num_points,
         },
