@@ -91,3 +91,37 @@ def test_quick_gkc_recipe_trains_every_row_and_saves_a_text_only_model(tmp_path)
     assert model.config.family == "gkc" and model.config.name == "demo-gkc"
     result = model.segment(torch.zeros(128, 128, 3, dtype=torch.uint8).numpy(), ["red circle", "background"])
     assert result.label_map.shape == (128, 128)
+
+
+@pytest.mark.slow
+def test_quick_sed_recipe_trains_and_evaluates_with_and_without_rejection(tmp_path):
+    import copy
+
+    import torch
+
+    from onepass_ovs import Segmenter
+    from onepass_ovs.config import ClipConfig
+    from onepass_ovs.models.sed import TINY_CONVNEXT_CLIP_CFG
+    from onepass_ovs.models.towers import create_clip
+    from onepass_ovs.toy import build_sed
+    from onepass_ovs.toy.clip import save_open_clip_folder
+
+    torch.manual_seed(0)
+    cfg = copy.deepcopy(TINY_CONVNEXT_CLIP_CFG)
+    cfg["vision_cfg"]["image_size"] = 128
+    clip = create_clip(ClipConfig(model_name="tiny-convnext", model_cfg=cfg))
+    clip_dir = save_open_clip_folder(clip, cfg, tmp_path / "clip")
+    out = tmp_path / "sed"
+    build_sed.main(["--output", str(out), "--clip", str(clip_dir), "--quick", "--no-progress"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["models"]) == {"sed", "sed_no_rejection"}
+    assert summary["steps"]["sed"]["train"]["step"] == build_sed.QUICK["steps"]
+    assert summary["rejection_top_k"] == 8
+    model = Segmenter.from_pretrained(out / "model", device="cpu")
+    assert model.config.family == "sed" and model.config.name == "demo-sed"
+    assert model.config.text.templates == build_sed.TEMPLATES
+    assert model.config.family_config.rejection_top_k == 8
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "model" / "model.safetensors")
+    assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.float16}

@@ -105,13 +105,18 @@ def build(
     num_train: int = 2000,
     batch_size: int = 8,
     lr: float = 5e-4,
+    num_points: int = 128 * 128,
     num_eval: int = 200,
     seed: int = 0,
     ablations: bool = False,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Run the recipe; returns the summary (also written as ``summary.json``)."""
+    """Run the recipe; returns the summary (also written as ``summary.json``).
+
+    ``num_points``: mask-loss points per region; the default covers a whole 128 px crop,
+    so the losses use every pixel (cheaper on a CPU than choosing uncertain points).
+    """
     from .. import Segmenter
     from ..data import FolderDataset
     from ..data.synonyms import shapes_world_synonyms
@@ -126,7 +131,7 @@ def build(
     clip_dir = Path(clip_dir).resolve()
     settings = {
         "clip_dir": str(clip_dir), "steps": steps, "num_train": num_train,
-        "batch_size": batch_size, "lr": lr, "num_eval": num_eval, "seed": seed,
+        "batch_size": batch_size, "lr": lr, "num_points": num_points, "num_eval": num_eval, "seed": seed,
         "ablations": ablations, "device": device, "torch_threads": torch.get_num_threads(),
         "train_seed": TRAIN_SEED + seed, "eval_seed": EVAL_SEED, "region_view": "in_place",
     }  # fmt: skip
@@ -170,7 +175,7 @@ def build(
         trained[name] = train_gkc(
             segmenter, dataset, cfg, synonym_sources=synonyms, teacher=teacher,
             use_synonyms=use_synonyms, distill=distill, crop_size=128, cache_dir=cache_dir,
-            resume="auto",
+            num_points=num_points, resume="auto",
         )  # fmt: skip
         summary.step(f"gkc_{name}", time.perf_counter() - t, use_synonyms=use_synonyms,
                      distill=distill, train=_last_logged(run_dir))  # fmt: skip
