@@ -13,6 +13,12 @@ vocabulary; scenes come from a seed never used for training):
   (one CLIP pass per proposal), assembled like DeOP
 - training-free: one pass of the tiny CLIP with last-block severance, dense per-patch
   classification (``clip:<model>``)
+- SED: the shipped ``demo-sed`` (its own tiny ConvNeXt CLIP), with category early
+  rejection (its ``rejection_top_k``) and without it
+- GKC: the shipped ``demo-gkc`` (no CLIP image pass), and the rows trained without text
+  diversification and / or distillation (``--gkc-ablations <build_gkc output>/ablations``)
+
+Families whose preset is not installed are skipped.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ def main() -> None:
     parser.add_argument("--model", default="demo", help="the DeOP model to evaluate")
     parser.add_argument("--ablations", type=Path, default=None,
                         help="folder with no_severance/ and mask_average/ models (toy.build)")
+    parser.add_argument("--gkc-ablations", type=Path, default=None,
+                        help="folder with no_synonyms/, no_distillation/, plain/ (toy.build_gkc)")
     parser.add_argument("--num", type=int, default=300, help="fresh evaluation scenes")
     parser.add_argument("--seed", type=int, default=None, help="scene stream (default: the eval seed)")
     parser.add_argument("--threads", type=int, default=2)
@@ -38,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from onepass_ovs import Segmenter
+    from onepass_ovs import Segmenter, list_models
     from onepass_ovs.data import FolderDataset
     from onepass_ovs.evaluation.evaluate import evaluate
     from onepass_ovs.models.two_stream import TwoStreamBaseline
@@ -60,6 +68,22 @@ def main() -> None:
         if hasattr(Segmenter, "from_clip"):
             rows["training-free (tiny CLIP, dense)"] = Segmenter.from_pretrained(
                 f"clip:{args.model}", device="cpu")
+        installed = set(list_models(pretrained_only=True))
+        if "demo-sed" in installed:
+            sed = Segmenter.from_pretrained("demo-sed", device="cpu")
+            top_k = sed.config.family_config.rejection_top_k
+            rows[f"SED (demo-sed), early rejection top-{top_k}"] = sed
+            off = Segmenter.from_config(sed.config.replace(**{"sed.rejection_top_k": 0}), device="cpu")
+            off.model.load_state_dict(sed.model.state_dict())
+            rows["SED (demo-sed), no early rejection"] = off
+        if "demo-gkc" in installed:
+            rows["GKC (demo-gkc): synonyms + distillation"] = Segmenter.from_pretrained("demo-gkc", device="cpu")
+            for name, label in (("no_synonyms", "GKC without text diversification"),
+                                ("no_distillation", "GKC without distillation"),
+                                ("plain", "GKC without both")):
+                folder = args.gkc_ablations / name if args.gkc_ablations else None
+                if folder is not None and folder.exists():
+                    rows[label] = Segmenter.from_pretrained(folder, device="cpu")
 
         results = {}
         for label, seg in rows.items():
