@@ -275,6 +275,34 @@ def test_no_clip_image_tower_built_saved_or_loaded(tmp_path, monkeypatch, rgb_im
 
 
 @torch.no_grad()
+def test_convnext_clip_trunk_loads_and_matches_timm():
+    """'clip-convnext': the trunk of a timm ConvNeXt CLIP, its last stage equal to timm's
+    forward_features, no CLIP head in the model; the text side from the same CLIP."""
+    from onepass_ovs.config import ClipConfig
+    from onepass_ovs.models.sed import TINY_CONVNEXT_CLIP_CFG
+    from onepass_ovs.models.towers import create_clip
+
+    cfg = preset_config("gkc-tiny")
+    cfg.clip = ClipConfig(model_name="tiny-convnext", model_cfg=copy.deepcopy(TINY_CONVNEXT_CLIP_CFG))
+    cfg = cfg.replace(**{"gkc.backbone": "clip-convnext"})
+    torch.manual_seed(3)
+    clip = create_clip(ClipConfig(model_name="tiny-convnext", model_cfg=copy.deepcopy(TINY_CONVNEXT_CLIP_CFG))).eval()
+    _perturb(clip, seed=4, std=0.05)
+    model = build_model(cfg).eval()
+    model.load_clip_weights(clip)
+    images = torch.randn(2, 3, 64, 64)
+    features = model.backbone(images)
+    assert [f.shape[-1] for f in features] == [16, 8, 4, 2]
+    torch.testing.assert_close(features[-1], clip.visual.trunk.forward_features(images))
+    trunk_keys = {k for k in clip.visual.trunk.state_dict() if not k.startswith("head.")}
+    assert {k.removeprefix("backbone.") for k in model.state_dict() if k.startswith("backbone.")} == trunk_keys
+    out = model.predict_scores(images.sigmoid(), model.text(["red circle", "cat"]))
+    assert out.dense().shape == (2, 2, 64, 64)
+    with pytest.raises(ValueError, match="clip-convnext"):
+        build_model(preset_config("gkc-tiny").replace(**{"gkc.backbone": "clip-convnext"}))
+
+
+@torch.no_grad()
 def test_clip_weights_load_and_match_open_clip():
     """The trunk equals open_clip's ModifiedResNet up to layer4; the text side equals
     encode_text of the bare name."""

@@ -63,6 +63,7 @@ from .towers import (
 )
 
 CLIP_RESNET = "clip-resnet"
+CLIP_CONVNEXT = "clip-convnext"
 
 
 @dataclass
@@ -70,7 +71,8 @@ class GKCConfig:
     """GKC's own section of the model config.
 
     ``backbone``: ``"clip-resnet"`` (the CLIP ResNet trunk described by
-    ``clip.model_cfg['vision_cfg']``) or a timm model name giving strides 4/8/16/32
+    ``clip.model_cfg['vision_cfg']``), ``"clip-convnext"`` (the timm ConvNeXt trunk of a
+    ConvNeXt CLIP described there) or a timm model name giving strides 4/8/16/32
     (``backbone_kwargs`` passed to ``timm.create_model``).
     """
 
@@ -153,6 +155,45 @@ class CLIPResNetTrunk(nn.Module):
         return out
 
 
+class CLIPConvNeXtTrunk(nn.Module):
+    """The timm ConvNeXt trunk of an open_clip ConvNeXt CLIP (``vision_cfg`` with a
+    ``timm_model_name``), without its pooling and heads: stem and four stages. Parameter
+    names match the CLIP's ``visual.trunk``, so its state dict minus ``head.*`` loads.
+
+    ``forward(images (B, 3, H, W))`` -> the four stage outputs, strides 4/8/16/32 for
+    timm's default stem.
+    """
+
+    def __init__(self, clip: ClipConfig):
+        super().__init__()
+        from open_clip.model import _build_vision_tower
+
+        cfg = resolve_open_clip_config(clip.model_name, clip.model_cfg)
+        vision = cfg.get("vision_cfg", {})
+        if "timm_model_name" not in vision:
+            raise ValueError(
+                f"gkc backbone 'clip-convnext' needs a timm ConvNeXt CLIP config (vision_cfg."
+                f"timm_model_name); clip {clip.model_name!r} has none"
+            )
+        trunk = _build_vision_tower(cfg["embed_dim"], vision).trunk
+        if not hasattr(trunk, "stages") or not hasattr(trunk, "stem"):
+            raise ValueError(f"{vision['timm_model_name']!r} is not a timm ConvNeXt")
+        self.stem = trunk.stem
+        self.stages = trunk.stages
+        self.channels = [
+            getattr(fc2, "out_features", None) or fc2.out_channels
+            for fc2 in (stage.blocks[-1].mlp.fc2 for stage in trunk.stages)
+        ]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(images.to(next(self.stem.parameters()).dtype))
+        out = []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        return out
+
+
 class TimmBackbone(nn.Module):
     """A timm ``features_only`` backbone giving strides 4/8/16/32."""
 
@@ -182,6 +223,8 @@ def build_backbone(section: GKCConfig, clip: ClipConfig) -> nn.Module:
                 f"of 4 stage depths); clip {clip.model_name!r} has layers={layers!r}"
             )
         return CLIPResNetTrunk(layers, int(vision.get("width", 64)))
+    if section.backbone == CLIP_CONVNEXT:
+        return CLIPConvNeXtTrunk(clip)
     return TimmBackbone(section.backbone, section.backbone_kwargs)
 
 
@@ -352,13 +395,18 @@ class GKC(nn.Module):
         return self.decode_scores(self.encode_image(images, image_sizes), text_embeddings)
 
     def load_clip_weights(self, clip_model: nn.Module) -> None:
-        """Copy an open_clip ResNet ``CLIP``'s image trunk (its attention pool is skipped)
-        and its text tower into this model."""
-        if not isinstance(self.backbone, CLIPResNetTrunk):
-            raise ValueError("load_clip_weights needs the 'clip-resnet' backbone")
-        visual = OrderedDict(
-            (k, v) for k, v in clip_model.visual.state_dict().items() if not k.startswith("attnpool.")
-        )
+        """Copy an open_clip CLIP's image trunk and its text tower into this model: a
+        ResNet CLIP's ``visual`` without its attention pool ('clip-resnet'), or a timm
+        ConvNeXt CLIP's ``visual.trunk`` without its head ('clip-convnext')."""
+        if isinstance(self.backbone, CLIPResNetTrunk):
+            skip, source = "attnpool.", clip_model.visual
+        elif isinstance(self.backbone, CLIPConvNeXtTrunk):
+            skip, source = "head.", getattr(clip_model.visual, "trunk", None)
+            if source is None:
+                raise ValueError("the 'clip-convnext' backbone loads a timm ConvNeXt CLIP's trunk")
+        else:
+            raise ValueError("load_clip_weights needs the 'clip-resnet' or 'clip-convnext' backbone")
+        visual = OrderedDict((k, v) for k, v in source.state_dict().items() if not k.startswith(skip))
         self.backbone.load_state_dict(visual, strict=True)
         self.load_text_weights(clip_model)
 
