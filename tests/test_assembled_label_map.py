@@ -17,6 +17,7 @@ from onepass_ovs.result import SegmentationResult
 GEOMETRIES = {
     "128px": ((32, 32), Geometry((128, 128), (128, 128), (128, 128))),
     "odd": ((12, 10), Geometry((101, 77), (48, 37), (48, 40))),
+    "smaller": ((12, 10), Geometry((30, 23), (48, 37), (48, 40))),  # output below the canvas
 }
 
 
@@ -65,7 +66,7 @@ def _result(mask_logits, probs, geometry, **kwargs):
     return SegmentationResult(scores, [f"c{i}" for i in range(k)], geometry, **kwargs), scores
 
 
-@pytest.mark.parametrize("geometry_name", ["128px", "odd"])
+@pytest.mark.parametrize("geometry_name", ["128px", "odd", "smaller"])
 @pytest.mark.parametrize("k", [3, 40, 3000])
 def test_label_map_is_the_argmax_of_the_dense_scores(geometry_name, k):
     mask_logits, probs, geometry = _case(geometry_name, k, seed=k)

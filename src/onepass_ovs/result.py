@@ -178,6 +178,8 @@ class _RowUpsampler:
         used = (self.cols_weight != 0).any(0)  # taps that carry weight in some column
         used[0] = True
         self._used_col_taps = used.nonzero().flatten().tolist()
+        # fixed per geometry (not per band), so a value never depends on the band it is in
+        self._cols_first = h < h0
 
     def rows(self, scores, start: int, stop: int) -> torch.Tensor:
         """(C, h, w) low-resolution scores -> rows [start, stop) of the (C, H0, W0) map.
@@ -194,13 +196,18 @@ class _RowUpsampler:
         used[0] = True
         needed, local = torch.unique(index[:, used], return_inverse=True)
         block = scores.rows(needed)[0]  # (C, n, w)
+        if self._cols_first:  # fewer input rows than output rows: resize the columns first
+            block = self._columns(block)
         taps = used.nonzero().flatten().tolist()
         band = sum(block.index_select(1, local[:, i]) * weight[:, t, None] for i, t in enumerate(taps))
+        return band if self._cols_first else self._columns(band)
+
+    def _columns(self, band: torch.Tensor) -> torch.Tensor:
+        """(C, n, w) -> (C, n, W0): the column taps that carry weight, or the identity."""
         if self.cols_identity:
             return band[:, :, : len(self.cols_index)]
         index, weight = self.cols_index, self.cols_weight
-        taps = self._used_col_taps
-        return sum(band.index_select(2, index[:, t]) * weight[:, t] for t in taps)
+        return sum(band.index_select(2, index[:, t]) * weight[:, t] for t in self._used_col_taps)
 
     def at(self, scores: torch.Tensor, rows, cols, classes: torch.Tensor | None = None) -> torch.Tensor:
         """(C, h, w) -> (C, len(rows), len(cols)) full-size scores at the given output rows
