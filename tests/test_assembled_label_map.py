@@ -106,6 +106,16 @@ def test_exact_ties_go_to_the_lowest_index_and_near_ties_are_decided_exactly(geo
     assert bool((top2[0] == top2[1]).any())
 
 
+@pytest.mark.parametrize("geometry_name", ["128px", "odd"])
+def test_one_class_winning_everywhere(geometry_name):
+    """Every tile is settled on the coarsest level (no pixel is scored)."""
+    mask_logits, probs, geometry = _case(geometry_name, 500, seed=19)
+    probs[0, :, 123] = 1.0
+    result, scores = _result(mask_logits, probs, geometry)
+    assert (result.label_map == 123).all()
+    np.testing.assert_array_equal(result.label_map, _dense_reference(result, scores)[0])
+
+
 def test_all_classes_equal_every_pixel_takes_the_first():
     mask_logits, probs, geometry = _case("odd", 500, seed=3)
     probs[:] = probs[..., :1]

@@ -23,6 +23,7 @@ _ASSEMBLED_TILES = (32, 16, 8, 4, 2)
 _ASSEMBLED_DENSE_CLASSES = 4  # up to this many classes, every class is scored at every pixel
 _ASSEMBLED_BYTES = 16 * 2**20  # bound-and-score work arrays made at once
 _ASSEMBLED_MAX_PAIRS = 2**21  # more surviving (tile, class) pairs than this: score densely
+_ASSEMBLED_DENSER = 6  # bound by matrix products when that makes at most this many x the bounds
 _PRUNE_BYTES = 16 * 2**20  # low-resolution window max/min computed this many bytes at a time
 # Relative slack on the "can this class win" bound: the blended scores are float32 sums
 # whose rounding can stray a few ulps beyond the exact convex combination.
@@ -307,8 +308,9 @@ def _dense_assembled_argmax(m: torch.Tensor, probs: torch.Tensor):
 
 def _tile_bounds(m: torch.Tensor, sizes: tuple[int, ...]):
     """Per square tile of each size (coarse to fine, each a multiple of the next), every
-    mask's max and min over the tile: a list of ((tiles, 2 * N) [max..., min...], (rows,
-    cols) tile grid), tiles in row-major order. m: (N, R, W), R and W multiples of sizes[0].
+    mask's max and min over the tile: a list of (max (N, tiles), min (N, tiles), both as
+    rows (tiles, 2 * N) [max..., min...], (rows, cols) tile grid), tiles in row-major order.
+    m: (N, R, W), R and W multiples of sizes[0].
     """
     n = m.shape[0]
     out = []
@@ -322,7 +324,8 @@ def _tile_bounds(m: torch.Tensor, sizes: tuple[int, ...]):
             lo = torch.minimum(lo[:, 0::2], lo[:, 1::2])
             finer *= 2
         grid = (hi.shape[1], hi.shape[2])
-        out.append((torch.cat([hi.reshape(n, -1), lo.reshape(n, -1)]).t().contiguous(), grid))
+        high, low = hi.reshape(n, -1).contiguous(), lo.reshape(n, -1).contiguous()
+        out.append((high, low, torch.cat([high, low]).t().contiguous(), grid))
     return out[::-1]
 
 
@@ -372,39 +375,57 @@ def _assembled_argmax(m: torch.Tensor, probs: torch.Tensor, probs_t: torch.Tenso
         return tile.index_select(0, rest), cls.index_select(0, rest)
 
     # coarsest tiles: every class, by matrix products, classes in chunks of bounded memory
-    bounds, grid = levels[0]
-    tiles = bounds.shape[0]
+    high, low, _, grid = levels[0]
+    tiles = high.shape[1]
     step = max(1, _ASSEMBLED_BYTES // (4 * tiles))
     best_lower = torch.full((tiles,), float("-inf"))
     for start in range(0, k, step):
-        best_lower = torch.maximum(best_lower, (probs_t[start : start + step] @ bounds[:, n:].t()).amax(0))
+        best_lower = torch.maximum(best_lower, (probs_t[start : start + step] @ low).amax(0))
     tile_ids, class_ids = [], []
+    pairs = 0
     for start in range(0, k, step):
-        upper = probs_t[start : start + step] @ bounds[:, :n].t()  # (c, tiles)
+        upper = probs_t[start : start + step] @ high  # (c, tiles)
         cls, tile = _can_win(upper, best_lower, n).nonzero(as_tuple=True)
+        pairs += len(tile)
+        if pairs > _ASSEMBLED_MAX_PAIRS:
+            return None
         class_ids.append(cls + start)
         tile_ids.append(tile)
     tile, cls = settle(torch.cat(tile_ids), torch.cat(class_ids), grid, top)
 
     # quarters of the tiles still open, for their candidates
-    for bounds, size in zip(levels[1:], sizes[1:], strict=True):
-        bounds, child_grid = bounds
+    for (high, low, rows, child_grid), size in zip(levels[1:], sizes[1:], strict=True):
+        if not len(tile):  # every tile settled
+            break
         q = child_grid[0] // grid[0]
         if len(tile) * q * q > _ASSEMBLED_MAX_PAIRS:
             return None
         offsets = (torch.arange(q)[:, None] * child_grid[1] + torch.arange(q)[None, :]).flatten()
         base = (tile // grid[1]) * q * child_grid[1] + (tile % grid[1]) * q
         child = (base[:, None] + offsets[None, :]).flatten()  # (pairs * q * q,)
+        grid = child_grid
+        union, local = torch.unique(cls, return_inverse=True)
+        if len(union) * high.shape[1] <= min(_ASSEMBLED_DENSER * len(child), _ASSEMBLED_BYTES // 16):
+            # few classes over many tiles: bound the classes open anywhere on every tile by
+            # matrix products (much cheaper per bound than gathering pairs)
+            open_ = torch.zeros(len(union), high.shape[1], dtype=torch.bool)
+            open_[local.repeat_interleave(q * q), child] = True  # (U, tiles)
+            union_probs = probs_t.index_select(0, union)
+            upper = union_probs @ high  # (U, tiles)
+            best_lower = (union_probs @ low).amax(0)  # any class's lower bound will do
+            keep, tile = (open_ & _can_win(upper, best_lower, n)).nonzero(as_tuple=True)
+            tile, cls = settle(tile, union.index_select(0, keep), grid, size)
+            continue
         step = max(1, _ASSEMBLED_BYTES // (2 * n * 4 * q * q))
-        values = [
+        values = [  # (pairs * q * q, 2): upper, lower bound of each pair's class on each child
             torch.bmm(
-                bounds.index_select(0, child[i * q * q : (i + step) * q * q]).view(-1, 2 * q * q, n),
-                probs_t.index_select(0, cls[i : i + step])[:, :, None],
+                F.embedding(child[i * q * q : (i + step) * q * q], rows).view(-1, 2 * q * q, n),
+                F.embedding(cls[i : i + step], probs_t)[:, :, None],  # row gathers (fast)
             ).view(-1, 2)
             for i in range(0, len(tile), step)
         ]
-        values = torch.cat(values) if values else torch.zeros(0, 2)  # (pairs * q * q, 2)
-        tile, cls, grid = child, cls.repeat_interleave(q * q), child_grid
+        values = torch.cat(values) if values else torch.zeros(0, 2)
+        tile, cls = child, cls.repeat_interleave(q * q)
         best_lower = torch.full((grid[0] * grid[1],), float("-inf"))
         best_lower = best_lower.scatter_reduce(0, tile, values[:, 1], "amax")
         keep = _can_win(values[:, 0], best_lower.index_select(0, tile), n).nonzero()[:, 0]
@@ -505,6 +526,10 @@ class SegmentationResult:
         max over those cells is below another class's min cannot win there. Bands of output
         rows are upsampled for their candidate classes only, so 3000 classes cost about as
         much as the handful that compete in each region.
+
+        Assembled scores (DeOP, GKC) go to :meth:`_assembled_label_map`: exactly the argmax
+        of the assembled scores at full size (made from the resized mask maps; they agree
+        with :meth:`probs` up to float rounding of a different summation order).
         """
         h0, w0 = self.size
         if not isinstance(self._scores, torch.Tensor):
