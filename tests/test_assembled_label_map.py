@@ -129,7 +129,7 @@ def test_all_classes_equal_every_pixel_takes_the_first():
         {"_ASSEMBLED_DENSE_CLASSES": 10**9},  # every class at every pixel
         {"_ASSEMBLED_MAX_PAIRS": 10},  # too many candidates: falls back to scoring densely
         {"_ASSEMBLED_BYTES": 4096},  # work arrays in many small chunks
-        {"_BAND_BYTES": 4096},  # output rows in many bands
+        {"_ASSEMBLED_BAND_BYTES": 4096},  # output rows in many bands (32 rows each)
         {"_ASSEMBLED_TILES": (8, 4, 2)},
     ],
 )

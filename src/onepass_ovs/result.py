@@ -22,6 +22,7 @@ _MERGE_ROWS = 24
 _ASSEMBLED_TILES = (32, 16, 8, 4, 2)
 _ASSEMBLED_DENSE_CLASSES = 4  # up to this many classes, every class is scored at every pixel
 _ASSEMBLED_BYTES = 16 * 2**20  # bound-and-score work arrays made at once
+_ASSEMBLED_BAND_BYTES = 4 * 2**20  # mask maps resized at once (rows of 32-pixel tiles)
 _ASSEMBLED_MAX_PAIRS = 2**21  # more surviving (tile, class) pairs than this: score densely
 _ASSEMBLED_DENSER = 6  # bound by matrix products when that makes at most this many x the bounds
 _PRUNE_BYTES = 16 * 2**20  # low-resolution window max/min computed this many bytes at a time
@@ -349,9 +350,13 @@ def _assembled_argmax(m: torch.Tensor, probs: torch.Tensor, probs_t: torch.Tenso
     sum_n p_n[c] hi_n and at least sum_n p_n[c] lo_n; a class whose upper bound is below
     some class's lower bound cannot win on the tile. Tiles of 32 x 32 pixels bound every
     class (one matrix product); then each surviving (tile, class) pair is checked on the
-    tile's four quarters, down to 2 x 2 pixels. A tile left with one candidate is labelled
-    with it; the candidates of the remaining 2 x 2 tiles are scored exactly at their pixels
-    and a pixel gets the lowest class reaching its best score.
+    tile's four quarters, down to 2 x 2 pixels (by gathering the pair's bounds, or, when
+    few classes are open over many tiles, by matrix products over those classes). A tile
+    left with one candidate is labelled with it; the candidates of the remaining 2 x 2
+    tiles are scored exactly at their pixels and a pixel gets the lowest class reaching its
+    best score. The bounds carry a margin for float rounding (:func:`_can_win`), so a class
+    is dropped only where its exact score is below another's: the winner always survives.
+    Memory: the band's mask maps, their tile bounds and work arrays of ``_ASSEMBLED_BYTES``.
     """
     n, r, w = m.shape
     k = probs.shape[1]
@@ -570,7 +575,7 @@ class SegmentationResult:
         probs_t = probs.t().contiguous()  # (K, N)
         tile = _ASSEMBLED_TILES[0]
         width = -(-w0 // tile) * tile
-        rows_per_band = max(1, _BAND_BYTES // (4 * n * width) // tile) * tile
+        rows_per_band = max(1, _ASSEMBLED_BAND_BYTES // (4 * n * width) // tile) * tile
         labels = np.empty((h0, w0), dtype=np.int32)
         for top in range(0, h0, rows_per_band):
             bottom = min(top + rows_per_band, h0)
