@@ -250,7 +250,7 @@ def test_label_map_pruning_of_assembled_scores_is_exact():
 
 
 def test_label_map_paths_for_few_and_many_candidates_agree(monkeypatch):
-    """The band-wide candidate set and the per-tile groups give the same label map."""
+    """The pruned label map and every class scored at every pixel agree."""
     import onepass_ovs.result as result_module
 
     seg = Segmenter.from_config("deop-tiny", seed=0)
@@ -259,7 +259,7 @@ def test_label_map_paths_for_few_and_many_candidates_agree(monkeypatch):
     vocab = [f"class {i}" for i in range(120)]
     image = torch.rand(3, 50, 70, generator=torch.Generator().manual_seed(3))
     wide = seg.segment(image, vocab).label_map
-    monkeypatch.setattr(result_module, "_UNION_CLASSES", 0)
+    monkeypatch.setattr(result_module, "_ASSEMBLED_DENSE_CLASSES", 10**9)
     grouped = seg.segment(image, vocab)
     np.testing.assert_array_equal(grouped.label_map, wide)
     probs = grouped.probs

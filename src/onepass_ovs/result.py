@@ -17,9 +17,14 @@ _CLASS_CHUNK = 64  # classes resized at once: bounds memory for huge vocabularie
 _BAND_BYTES = 32 * 2**20  # rows of the full-size maps made at once: bounds memory for huge images
 _PRUNE_MIN_CLASSES = 2  # label maps of fewer classes upsample every class
 _MERGE_ROWS = 24
-_TILE = 16  # output columns per tile when bounding assembled scores (DeOP, GKC)
-_TILE_GROUP = 32  # tiles whose candidates are scored together
-_UNION_CLASSES = 64  # up to this many candidates in a band, every tile scores them all  # output rows labelled together (their candidate classes merged)
+# Label maps of assembled scores (DeOP, GKC): square tiles of output pixels, coarse to fine,
+# on which classes that cannot win are dropped; the survivors of the finest are scored exactly
+_ASSEMBLED_TILES = (32, 16, 8, 4, 2)
+_ASSEMBLED_DENSE_CLASSES = 4  # up to this many classes, every class is scored at every pixel
+_ASSEMBLED_BYTES = 16 * 2**20  # bound-and-score work arrays made at once
+_ASSEMBLED_BAND_BYTES = 4 * 2**20  # mask maps resized at once (rows of 32-pixel tiles)
+_ASSEMBLED_MAX_PAIRS = 2**21  # more surviving (tile, class) pairs than this: score densely
+_ASSEMBLED_DENSER = 6  # bound by matrix products when that makes at most this many x the bounds
 _PRUNE_BYTES = 16 * 2**20  # low-resolution window max/min computed this many bytes at a time
 # Relative slack on the "can this class win" bound: the blended scores are float32 sums
 # whose rounding can stray a few ulps beyond the exact convex combination.
@@ -172,6 +177,11 @@ class _RowUpsampler:
             and torch.equal(self.cols_index[:, 0], torch.arange(w0))
             and bool((self.cols_weight[:, 0] == 1).all())
         )
+        used = (self.cols_weight != 0).any(0)  # taps that carry weight in some column
+        used[0] = True
+        self._used_col_taps = used.nonzero().flatten().tolist()
+        # fixed per geometry (not per band), so a value never depends on the band it is in
+        self._cols_first = h < h0
 
     def rows(self, scores, start: int, stop: int) -> torch.Tensor:
         """(C, h, w) low-resolution scores -> rows [start, stop) of the (C, H0, W0) map.
@@ -188,12 +198,18 @@ class _RowUpsampler:
         used[0] = True
         needed, local = torch.unique(index[:, used], return_inverse=True)
         block = scores.rows(needed)[0]  # (C, n, w)
+        if self._cols_first:  # fewer input rows than output rows: resize the columns first
+            block = self._columns(block)
         taps = used.nonzero().flatten().tolist()
-        band = sum(block[:, local[:, i]] * weight[:, t, None] for i, t in enumerate(taps))
+        band = sum(block.index_select(1, local[:, i]) * weight[:, t, None] for i, t in enumerate(taps))
+        return band if self._cols_first else self._columns(band)
+
+    def _columns(self, band: torch.Tensor) -> torch.Tensor:
+        """(C, n, w) -> (C, n, W0): the column taps that carry weight, or the identity."""
         if self.cols_identity:
             return band[:, :, : len(self.cols_index)]
         index, weight = self.cols_index, self.cols_weight
-        return sum(band[:, :, index[:, t]] * weight[:, t] for t in range(4))
+        return sum(band.index_select(2, index[:, t]) * weight[:, t] for t in self._used_col_taps)
 
     def at(self, scores: torch.Tensor, rows, cols, classes: torch.Tensor | None = None) -> torch.Tensor:
         """(C, h, w) -> (C, len(rows), len(cols)) full-size scores at the given output rows
@@ -249,6 +265,205 @@ def _window_reduce(x: torch.Tensor, rows: int, cols: int, op) -> torch.Tensor:
 
 def _band_rows(channels: int, width: int) -> int:
     return max(1, _BAND_BYTES // (4 * max(1, channels) * max(1, width)))
+
+
+def _assembled_scores(products: torch.Tensor) -> torch.Tensor:
+    """(N, ...) products p_n[c] * m_n(x) -> (...) their sum over n, added in order n = 0, 1, ...
+
+    The one definition of an assembled score's float value: every path of the label map
+    computes a score this way, so they agree bit for bit (and ties are real ties).
+    """
+    if products.shape[0] == 1:
+        return products[0].clone()
+    total = products[0] + products[1]
+    for n in range(2, products.shape[0]):
+        total.add_(products[n])
+    return total
+
+
+def _dense_assembled_argmax(m: torch.Tensor, probs: torch.Tensor):
+    """Best score and class per pixel, every class scored at every pixel.
+
+    m: (N, r, w) mask values; probs: (N, K). Returns (r, w) float32 scores and (r, w) long
+    classes: the argmax over classes of :func:`_assembled_scores` (first maximum; a NaN
+    counts as the maximum, as in ``torch.argmax``). Classes go in chunks of bounded memory.
+    """
+    n, r, w = m.shape
+    k = probs.shape[1]
+    step = max(1, _ASSEMBLED_BYTES // (8 * max(1, r * w)))
+    best = label = None
+    for start in range(0, k, step):
+        p = probs[:, start : start + step]  # (N, c)
+        total = p[0][:, None, None] * m[0]
+        for i in range(1, n):  # the order of _assembled_scores
+            total.add_(p[i][:, None, None] * m[i])
+        value, index = total.max(0)
+        if best is None:
+            best, label = value, index
+            continue
+        better = (value > best) | (value.isnan() & ~best.isnan())
+        best = torch.where(better, value, best)
+        label = torch.where(better, index + start, label)
+    return best, label
+
+
+def _tile_bounds(m: torch.Tensor, sizes: tuple[int, ...]):
+    """Per square tile of each size (coarse to fine, each a multiple of the next), every
+    mask's max and min over the tile: a list of (max (N, tiles), min (N, tiles), both as
+    rows (tiles, 2 * N) [max..., min...], (rows, cols) tile grid), tiles in row-major order.
+    m: (N, R, W), R and W multiples of sizes[0].
+    """
+    n = m.shape[0]
+    out = []
+    hi = lo = m
+    finer = 1
+    for size in reversed(sizes):  # fine to coarse, each level from the one below
+        while finer < size:  # halve: elementwise max / min of strided halves (fast)
+            hi = torch.maximum(hi[:, :, 0::2], hi[:, :, 1::2])
+            hi = torch.maximum(hi[:, 0::2], hi[:, 1::2])
+            lo = torch.minimum(lo[:, :, 0::2], lo[:, :, 1::2])
+            lo = torch.minimum(lo[:, 0::2], lo[:, 1::2])
+            finer *= 2
+        grid = (hi.shape[1], hi.shape[2])
+        high, low = hi.reshape(n, -1).contiguous(), lo.reshape(n, -1).contiguous()
+        out.append((high, low, torch.cat([high, low]).t().contiguous(), grid))
+    return out[::-1]
+
+
+def _can_win(upper: torch.Tensor, best_lower: torch.Tensor, n: int) -> torch.Tensor:
+    """upper >= best_lower, less a margin that covers float rounding: bounds and scores are
+    sums of n non-negative products, each within a relative n * 2**-24 of its exact value
+    (the absolute part covers underflow)."""
+    slack = 1e-5 + 4 * (n + 1) * 2.0**-24
+    return upper >= best_lower * (1 - slack) - 1e-30
+
+
+def _assembled_argmax(m: torch.Tensor, probs: torch.Tensor, probs_t: torch.Tensor):
+    """The class per pixel of assembled scores, as :func:`_dense_assembled_argmax` (bit for
+    bit, for finite inputs), without scoring every class everywhere.
+
+    m: (N, r, w) mask values in [0, 1]; probs: (N, K) class probabilities, probs_t its
+    (K, N) transpose. Returns (r, w) long, or None when too many candidates survive
+    (near-identical classes: score densely then).
+
+    On a tile where mask n ranges over [lo_n, hi_n], class c scores at most
+    sum_n p_n[c] hi_n and at least sum_n p_n[c] lo_n; a class whose upper bound is below
+    some class's lower bound cannot win on the tile. Tiles of 32 x 32 pixels bound every
+    class (one matrix product); then each surviving (tile, class) pair is checked on the
+    tile's four quarters, down to 2 x 2 pixels (by gathering the pair's bounds, or, when
+    few classes are open over many tiles, by matrix products over those classes). A tile
+    left with one candidate is labelled with it; the candidates of the remaining 2 x 2
+    tiles are scored exactly at their pixels and a pixel gets the lowest class reaching its
+    best score. The bounds carry a margin for float rounding (:func:`_can_win`), so a class
+    is dropped only where its exact score is below another's: the winner always survives.
+    Memory: the band's mask maps, their tile bounds and work arrays of ``_ASSEMBLED_BYTES``.
+    """
+    n, r, w = m.shape
+    k = probs.shape[1]
+    sizes = _ASSEMBLED_TILES
+    top = sizes[0]
+    height, width = -(-r // top) * top, -(-w // top) * top
+    if (height, width) != (r, w):  # repeated edge pixels change no tile's bounds
+        m = F.pad(m[None], (0, width - w, 0, height - r), mode="replicate")[0]
+    levels = _tile_bounds(m, sizes)
+    label = torch.full((height, width), k, dtype=torch.long)
+
+    def settle(tile, cls, grid, size):
+        """Label the tiles with a single candidate; return the pairs of the others."""
+        count = torch.bincount(tile, minlength=grid[0] * grid[1])
+        single = count.index_select(0, tile) == 1
+        done, rest = single.nonzero()[:, 0], (~single).nonzero()[:, 0]
+        if len(done):
+            done_tile = tile.index_select(0, done)
+            tiles = label.view(grid[0], size, grid[1], size)
+            tiles[done_tile // grid[1], :, done_tile % grid[1], :] = cls.index_select(0, done)[:, None, None]
+        return tile.index_select(0, rest), cls.index_select(0, rest)
+
+    # coarsest tiles: every class, by matrix products, classes in chunks of bounded memory
+    high, low, _, grid = levels[0]
+    tiles = high.shape[1]
+    step = max(1, _ASSEMBLED_BYTES // (4 * tiles))
+    best_lower = torch.full((tiles,), float("-inf"))
+    for start in range(0, k, step):
+        best_lower = torch.maximum(best_lower, (probs_t[start : start + step] @ low).amax(0))
+    tile_ids, class_ids = [], []
+    pairs = 0
+    for start in range(0, k, step):
+        upper = probs_t[start : start + step] @ high  # (c, tiles)
+        cls, tile = _can_win(upper, best_lower, n).nonzero(as_tuple=True)
+        pairs += len(tile)
+        if pairs > _ASSEMBLED_MAX_PAIRS:
+            return None
+        class_ids.append(cls + start)
+        tile_ids.append(tile)
+    tile, cls = settle(torch.cat(tile_ids), torch.cat(class_ids), grid, top)
+
+    # quarters of the tiles still open, for their candidates
+    for (high, low, rows, child_grid), size in zip(levels[1:], sizes[1:], strict=True):
+        if not len(tile):  # every tile settled
+            break
+        q = child_grid[0] // grid[0]
+        if len(tile) * q * q > _ASSEMBLED_MAX_PAIRS:
+            return None
+        offsets = (torch.arange(q)[:, None] * child_grid[1] + torch.arange(q)[None, :]).flatten()
+        base = (tile // grid[1]) * q * child_grid[1] + (tile % grid[1]) * q
+        child = (base[:, None] + offsets[None, :]).flatten()  # (pairs * q * q,)
+        grid = child_grid
+        union, local = torch.unique(cls, return_inverse=True)
+        if len(union) * high.shape[1] <= min(_ASSEMBLED_DENSER * len(child), _ASSEMBLED_BYTES // 16):
+            # few classes over many tiles: bound the classes open anywhere on every tile by
+            # matrix products (much cheaper per bound than gathering pairs)
+            open_ = torch.zeros(len(union), high.shape[1], dtype=torch.bool)
+            open_[local.repeat_interleave(q * q), child] = True  # (U, tiles)
+            union_probs = probs_t.index_select(0, union)
+            upper = union_probs @ high  # (U, tiles)
+            best_lower = (union_probs @ low).amax(0)  # any class's lower bound will do
+            keep, tile = (open_ & _can_win(upper, best_lower, n)).nonzero(as_tuple=True)
+            tile, cls = settle(tile, union.index_select(0, keep), grid, size)
+            continue
+        step = max(1, _ASSEMBLED_BYTES // (2 * n * 4 * q * q))
+        values = [  # (pairs * q * q, 2): upper, lower bound of each pair's class on each child
+            torch.bmm(
+                F.embedding(child[i * q * q : (i + step) * q * q], rows).view(-1, 2 * q * q, n),
+                F.embedding(cls[i : i + step], probs_t)[:, :, None],  # row gathers (fast)
+            ).view(-1, 2)
+            for i in range(0, len(tile), step)
+        ]
+        values = torch.cat(values) if values else torch.zeros(0, 2)
+        tile, cls = child, cls.repeat_interleave(q * q)
+        best_lower = torch.full((grid[0] * grid[1],), float("-inf"))
+        best_lower = best_lower.scatter_reduce(0, tile, values[:, 1], "amax")
+        keep = _can_win(values[:, 0], best_lower.index_select(0, tile), n).nonzero()[:, 0]
+        tile, cls = settle(tile.index_select(0, keep), cls.index_select(0, keep), grid, size)
+
+    # pixels of the finest tiles still open: exact scores of their candidates
+    size = sizes[-1]
+    area = size * size
+    if len(tile):
+        if len(tile) * area > _ASSEMBLED_MAX_PAIRS:
+            return None
+        corner = (tile // grid[1]) * size * width + (tile % grid[1]) * size
+        offsets = (torch.arange(size)[:, None] * width + torch.arange(size)[None, :]).flatten()
+        where = (corner[:, None] + offsets[None, :]).flatten()  # (pairs * area,) pixels
+        flat = m.reshape(n, -1)
+        step = max(1, _ASSEMBLED_BYTES // (4 * n * area))
+        scores = torch.cat([
+            _assembled_scores(
+                flat.index_select(1, where[i * area : (i + step) * area]).view(n, -1, area)
+                * probs.index_select(1, cls[i : i + step])[:, :, None]
+            ).flatten()
+            for i in range(0, len(tile), step)
+        ])
+        best = torch.full((height * width,), float("-inf")).scatter_reduce(0, where, scores, "amax")
+        winner = (scores == best.index_select(0, where)).nonzero()[:, 0]
+        picked = torch.full((height * width,), k).scatter_reduce(
+            0, where.index_select(0, winner), cls.repeat_interleave(area).index_select(0, winner), "amin"
+        )
+        label = torch.minimum(label, picked.view(height, width))
+    label = label[:r, :w]
+    if bool((label == k).any()):  # a pixel without a candidate: cannot happen, but be sure
+        return None
+    return label
 
 
 class SegmentationResult:
@@ -316,9 +531,13 @@ class SegmentationResult:
         max over those cells is below another class's min cannot win there. Bands of output
         rows are upsampled for their candidate classes only, so 3000 classes cost about as
         much as the handful that compete in each region.
+
+        Assembled scores (DeOP, GKC) go to :meth:`_assembled_label_map`: exactly the argmax
+        of the assembled scores at full size (made from the resized mask maps; they agree
+        with :meth:`probs` up to float rounding of a different summation order).
         """
         h0, w0 = self.size
-        if not isinstance(self._scores, torch.Tensor) and len(self.classes) > _PRUNE_MIN_CLASSES:
+        if not isinstance(self._scores, torch.Tensor):
             return self._assembled_label_map()
         labels = np.empty((h0, w0), dtype=np.int32)
         band_top, band_ids = 0, []
@@ -339,12 +558,12 @@ class SegmentationResult:
         """The label map of assembled scores (DeOP, GKC) without K full-size maps.
 
         Assembly is linear: the full-size score of class c at pixel x is
-        sum_n p_n[c] m_n(x), where m_n is mask n's sigmoid map carried to the output pixel
-        by the same bilinear resizing as the scores. So only the N mask maps are resized;
-        per tile of output pixels each m_n lies in [lo_n, hi_n], a class whose best case
-        sum_n p_n[c] hi_n is below another's worst case sum_n p_n[c] lo_n cannot win there,
-        and the argmax runs over each tile's remaining candidates (ties: the lowest class
-        index, as the argmax of :attr:`probs`).
+        S_c(x) = sum_n p_n[c] m_n(x), where m_n is mask n's sigmoid map carried to the
+        output pixel by the same bilinear resizing as the scores. Only the N mask maps are
+        resized, and S_c(x) is computed as float32 products summed over n in order
+        (:func:`_assembled_scores`), so the label map is exactly the argmax over classes of
+        those (K, H, W) scores (ties: the lowest class index), made without them: see
+        :func:`_assembled_argmax`.
         """
         k = len(self.classes)
         h0, w0 = self.size
@@ -352,59 +571,30 @@ class SegmentationResult:
         n = probs.shape[0]
         masks = self._scores.mask_maps()
         total_weight = probs.sum(1)  # (N,): sum over classes, for the unknown test
+        finite = bool(torch.isfinite(probs).all() and torch.isfinite(self._scores.mask_logits).all())
+        probs_t = probs.t().contiguous()  # (K, N)
+        tile = _ASSEMBLED_TILES[0]
+        width = -(-w0 // tile) * tile
+        rows_per_band = max(1, _ASSEMBLED_BAND_BYTES // (4 * n * width) // tile) * tile
         labels = np.empty((h0, w0), dtype=np.int32)
-        pad = (-w0) % _TILE
-        rows_per_band = max(1, min(_MERGE_ROWS, _BAND_BYTES // (4 * n * (w0 + pad))))
         for top in range(0, h0, rows_per_band):
             bottom = min(top + rows_per_band, h0)
             m = self._upsampler.rows(masks, top, bottom)  # (N, r, W0)
-            r = m.shape[1]
-            tiles = F.pad(m, (0, pad)).view(n, r, -1, _TILE)  # (N, r, tiles, T)
-            lo = tiles.amin((1, 3))
-            hi = tiles.amax((1, 3))
-            upper, lower = probs.t() @ hi, probs.t() @ lo  # (K, tiles)
-            candidate = upper >= lower.amax(0) * (1 - 1e-5) - 1e-7
-            union = candidate.any(1).nonzero().flatten()
-            if len(union) <= _UNION_CLASSES:
-                # few classes can win anywhere in the band: score them all, each tile
-                # ignoring the ones that cannot win there
-                scores = torch.einsum("nrtp,nu->rtpu", tiles, probs[:, union])
-                scores = scores.masked_fill(~candidate[union].t()[None, :, None, :], float("-inf"))
-                best_score, best = scores.max(-1)  # (r, tiles, T)
-                label = union[best]
-            else:
-                best_score, label = self._tile_groups(tiles, probs, candidate)
-            best_score = best_score.reshape(r, -1)[:, :w0]
-            label = label.reshape(r, -1)[:, :w0].to(torch.int32)
+            label = None
+            if finite and k > _ASSEMBLED_DENSE_CLASSES:
+                label = _assembled_argmax(m, probs, probs_t)
+            if label is None:
+                best_score, label = _dense_assembled_argmax(m, probs)
+            elif self.unknown_threshold is not None:  # the winners' scores, as the dense path's
+                chosen = probs.index_select(1, label.flatten()).view(n, *label.shape)
+                best_score = _assembled_scores(m * chosen)
+            label = label.to(torch.int32)
             if self.unknown_threshold is not None:
                 total = torch.einsum("nrw,n->rw", m, total_weight)
                 best_prob = (best_score + _EPS) / (total + k * _EPS)
                 label[best_prob < self.unknown_threshold] = self.unknown_label
             labels[top:bottom] = label.numpy()
         return labels
-
-    @staticmethod
-    def _tile_groups(tiles: torch.Tensor, probs: torch.Tensor, candidate: torch.Tensor):
-        """Best score and class per pixel of (N, r, tiles, T) mask values, each tile over
-        its own candidate classes (``candidate`` (K, tiles)); tiles with similar candidate
-        counts are scored together, padded to the group's largest count."""
-        r, num_tiles = tiles.shape[1], tiles.shape[2]
-        k = probs.shape[1]
-        best_score = torch.empty(r, num_tiles, _TILE)
-        label = torch.empty(r, num_tiles, _TILE, dtype=torch.long)
-        counts = candidate.sum(0)
-        # candidates first, in ascending class order (ties then go to the lowest index)
-        rank = candidate.float() * 2 - torch.arange(k, dtype=torch.float32)[:, None] / k
-        for group in counts.argsort().split(_TILE_GROUP):
-            width = int(counts[group].max())
-            value, ids = rank[:, group].topk(width, dim=0)  # (C, g)
-            valid = value > 0.5
-            scores = torch.einsum("nrtp,nct->rtpc", tiles[:, :, group], probs[:, ids])
-            scores = scores.masked_fill(~valid.t()[None, :, None, :], float("-inf"))
-            value, best = scores.max(-1)  # (r, g, T)
-            best_score[:, group] = value
-            label[:, group] = ids.t()[torch.arange(len(group))[None, :, None], best]
-        return best_score, label
 
     def _label_rows(self, top: int, bottom: int, class_ids: torch.Tensor | None) -> np.ndarray:
         """Label rows [top, bottom) considering only ``class_ids`` (sorted; None: all).
@@ -460,10 +650,6 @@ class SegmentationResult:
         k = len(self.classes)
         h0 = self.size[0]
         scores = self._scores
-        if not isinstance(scores, torch.Tensor):
-            # lazy assembled scores of a few classes (more go to _assembled_label_map)
-            yield 0, h0, None
-            return
         # scores are >= 0, so a non-finite sum means a NaN / inf somewhere (or an overflow):
         # leave those to the plain argmax, which is the reference behaviour
         if k <= _PRUNE_MIN_CLASSES or not bool(torch.isfinite(scores.sum())):

@@ -11,7 +11,9 @@ At full input resolution these maps are K x H x W, too large to hold for big ima
 vocabularies, so :class:`AssembledScores` keeps the masks and class probabilities and
 computes any set of rows on demand (bilinear resizing is separable: a row of ``up(M)``
 mixes two rows of M), chunked so that at most a bounded number of full-width mask rows
-exist at once.
+exist at once. The resized mask values are made by elementwise two-tap blends, so a value
+does not depend on which other rows are computed with it (label maps rely on that to be
+exactly the argmax of the assembled scores, see ``SegmentationResult``).
 """
 
 from __future__ import annotations
@@ -23,10 +25,16 @@ import torch.nn.functional as F
 _MASK_ROWS_BYTES = 64 * 2**20
 
 
-def resize_matrix(n_in: int, n_out: int, device=None) -> torch.Tensor:
-    """(n_out, n_in) matrix R with R @ x == 1-D bilinear resize of x (align_corners=False)."""
-    eye = torch.eye(n_in, device=device)[None]  # (1, n_in, n_in): each column a unit signal
-    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].t()
+def resize_taps(n_in: int, n_out: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two taps of 1-D bilinear resizing n_in -> n_out (align_corners=False, the
+    sampling of ``F.interpolate``): output i = x[i0] * (1 - w) + x[i1] * w.
+
+    Returns i0, i1 (n_out,) long and w (n_out,) float32.
+    """
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    return i0.to(device), i1.to(device), (src - i0).float().to(device)
 
 
 def semantic_scores(mask_logits: torch.Tensor, class_logits: torch.Tensor, size=None) -> torch.Tensor:
@@ -58,7 +66,8 @@ class AssembledScores:
             probs = class_logits.float().softmax(-1)[..., :-1]
         self.probs = probs  # (B, N, K)
         self.canvas = (int(canvas[0]), int(canvas[1]))
-        self._col_matrix = None
+        self._col_taps = None
+        self._identity = False  # probs is the identity: rows are the mask maps themselves
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- tensor-like surface ------------------------------------------------------------
@@ -96,10 +105,13 @@ class AssembledScores:
 
     def mask_maps(self) -> AssembledScores:
         """The sigmoid mask maps sigmoid(up(M_n)) of the first image as a lazy score map of
-        N "classes" (identity class probabilities): ``rows(index)`` -> (1, N, n, W)."""
+        N "classes" (identity class probabilities): ``rows(index)`` -> (1, N, n, W), the
+        mask values themselves (no product with the identity)."""
         n = self.mask_logits.shape[1]
         identity = torch.eye(n, device=self.probs.device)[None]
-        return self._with(self.mask_logits[:1], identity)
+        out = self._with(self.mask_logits[:1], identity)
+        out._identity = True
+        return out
 
     def class_sum(self) -> AssembledScores:
         """The sum over classes, as a one-class score map."""
@@ -114,17 +126,22 @@ class AssembledScores:
 
     # -- evaluation ---------------------------------------------------------------------
     def _mask_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """sigmoid(up(M)) at canvas rows ``index``: (B, N, n, W)."""
+        """sigmoid(up(M)) at canvas rows ``index``: (B, N, n, W).
+
+        Elementwise two-tap blends (rows, then columns), so every value is computed by the
+        same float operations whatever the other rows asked for.
+        """
         if self._cache is not None and torch.equal(self._cache[0], index):
             return self._cache[1]
         m = self.mask_logits.float()
         h, w = m.shape[-2:]
         height, width = self.canvas
-        if self._col_matrix is None:
-            self._col_matrix = resize_matrix(w, width, m.device)  # (W, w)
-        row_matrix = resize_matrix(h, height, m.device)[index.to(m.device)]  # (n, h)
-        rows = torch.einsum("yh,bnhw->bnyw", row_matrix, m)
-        out = torch.einsum("bnyw,xw->bnyx", rows, self._col_matrix).sigmoid_()
+        if self._col_taps is None:
+            self._col_taps = resize_taps(w, width, m.device)
+        r0, r1, rw = (t[index.to(m.device)] for t in resize_taps(h, height, m.device))
+        rows = m.index_select(2, r0) * (1 - rw)[:, None] + m.index_select(2, r1) * rw[:, None]
+        c0, c1, cw = self._col_taps
+        out = (rows.index_select(3, c0) * (1 - cw) + rows.index_select(3, c1) * cw).sigmoid_()
         self._cache = (index.clone(), out)
         return out
 
@@ -137,6 +154,9 @@ class AssembledScores:
         parts = []
         for start in range(0, index.numel(), step):
             masks = self._mask_rows(index[start : start + step])
+            if self._identity:
+                parts.append(masks)
+                continue
             parts.append(torch.einsum("bnk,bnyx->bkyx", self.probs.float(), masks))
         return torch.cat(parts, 2)
 
