@@ -261,10 +261,12 @@ def save_open_clip_folder(
 
 def load_tiny_clip(path: str | Path, image_size: int | None = None) -> open_clip.CLIP:
     """Load a folder written by :func:`save_open_clip_folder` (safetensors + JSON; the
-    config's ``model_cfg`` may carry a ``"conv_stem"``), in eval mode.
+    config's ``model_cfg`` may carry a ``"conv_stem"``, or be the ConvNeXt's with its
+    ``timm_model_kwargs``), in eval mode.
 
     ``image_size`` rebuilds the vision tower for another input size; open_clip's loader
-    then bicubically resizes the learned position table to the new grid.
+    then bicubically resizes a ViT's learned position table to the new grid (a ConvNeXt
+    takes any size anyway).
     """
     from ..hub import OPEN_CLIP_WEIGHTS_NAME, resolve_clip
     from ..models.towers import load_open_clip_weights
