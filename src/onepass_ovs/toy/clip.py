@@ -14,6 +14,10 @@ the stem, so every family loads it without code outside the library::
 
 (plain ``open_clip.create_model("local-dir:...")`` cannot build the stem and refuses it).
 
+:func:`tiny_convnext_clip_config` is the other tower, SED's backbone: a small timm ConvNeXt
+through open_clip's ``TimmModel`` at strides 2/4/8/16, pretrained the same way (its crops
+are fed as they are: no position table) and saved in the same layout.
+
 Pretraining runs on the library's engine (:class:`~onepass_ovs.training.trainer.Trainer`:
 atomic checkpoints, exact resume, a JSONL log); its output folder::
 
