@@ -8,8 +8,9 @@ One adapter per image-tower kind, chosen from the :class:`~onepass_ovs.config.Cl
                    stem (:class:`ConvStem`; ``ClipConfig.conv_stem``) -- tiny ViTs learn
                    shape far faster with early convolutions;
 ``timm-convnext``  an open_clip tower built on timm's ConvNeXt (:class:`DenseConvNeXt`):
-                   dense stride-32 embeddings through the tower's own head, and the
-                   stage features (strides 4/8/16/32) for decoders.
+                   dense last-stage embeddings through the tower's own head, and the
+                   stage features (strides 4/8/16/32; 2/4/8/16 with a patch-2 stem)
+                   for decoders.
 
 Every adapter's ``forward(images, mask_logits=None)`` returns dense L2-normalised
 embeddings (B, h*w, E) and the grid (h, w); ``global_embedding(images)`` equals open_clip's
@@ -91,7 +92,14 @@ def create_clip(clip: ClipConfig) -> nn.Module:
     if cfg.pop("custom_text", False) or "hf_model_name" in text_cfg:
         raise ValueError("CLIP models with a Hugging Face text tower are not supported yet")
     cfg.pop("multimodal_cfg", None)
+    vision_cfg = cfg.get("vision_cfg", {})
+    timm_kwargs = vision_cfg.pop("timm_model_kwargs", None)
+    first_stage_downsample = vision_cfg.pop("timm_first_stage_downsample", True)
     model = open_clip.CLIP(**cfg)
+    if timm_kwargs:
+        _rebuild_timm_tower(model.visual, vision_cfg, cfg["embed_dim"], timm_kwargs)
+    if not first_stage_downsample:
+        _drop_first_stage_downsample(model.visual)
     if stem:
         visual = model.visual
         if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
@@ -99,6 +107,71 @@ def create_clip(clip: ClipConfig) -> nn.Module:
         patch = visual.patch_size[0]
         visual.conv1 = ConvStem(stem, visual.conv1.out_channels, patch)
     return model
+
+
+def _rebuild_timm_tower(visual: nn.Module, vision_cfg: dict, embed_dim: int, kwargs: dict) -> None:
+    """Replace an open_clip ``TimmModel``'s trunk by ``timm.create_model(name, **kwargs)``
+    and its CLIP head by one of the new trunk's width, as ``TimmModel`` would have built
+    them had it forwarded ``kwargs`` (it forwards none; ``vision_cfg["timm_model_kwargs"]``
+    is this library's extension, e.g. ``{"dims": [...], "depths": [...], "patch_size": 2}``
+    for a small ConvNeXt). Only average/default pooling with a ``linear`` or ``mlp``
+    projection is supported, and no pretrained trunk (the kwargs change its shapes)."""
+    import timm
+
+    name = vision_cfg.get("timm_model_name")
+    pool = vision_cfg.get("timm_pool", "avg")
+    proj = vision_cfg.get("timm_proj", "linear")
+    if not name or not hasattr(visual, "trunk"):
+        raise ValueError("vision_cfg['timm_model_kwargs'] needs a timm image tower (timm_model_name)")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"vision_cfg['timm_model_kwargs'] must be a dict, got {kwargs!r}")
+    if pool in ("abs_attn", "rot_attn") or proj not in ("linear", "mlp"):
+        raise ValueError(
+            f"timm_model_kwargs supports timm_pool 'avg'/'' with timm_proj 'linear'/'mlp'; "
+            f"got timm_pool={pool!r}, timm_proj={proj!r}"
+        )
+    if vision_cfg.get("timm_model_pretrained"):
+        raise ValueError("timm_model_kwargs reshape the trunk: timm_model_pretrained must be false")
+    extra = {}
+    if vision_cfg.get("timm_drop_path") is not None:
+        extra["drop_path_rate"] = vision_cfg["timm_drop_path"]
+    try:
+        trunk = timm.create_model(name, pretrained=False, **extra, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"timm model {name!r} does not accept timm_model_kwargs {kwargs}: {err}") from err
+    trunk.reset_classifier(0, **({"global_pool": pool} if pool else {}))
+    visual.trunk = trunk
+    width = trunk.num_features
+    bias = bool(vision_cfg.get("timm_proj_bias", False))
+    if proj == "linear":
+        visual.head.proj = nn.Linear(width, embed_dim, bias=bias)
+    else:
+        from timm.layers import Mlp
+
+        drop = float(vision_cfg.get("timm_drop", 0.0))
+        visual.head.mlp = Mlp(width, 2 * embed_dim, embed_dim, drop=(drop, 0.0), bias=(True, bias))
+
+
+def _drop_first_stage_downsample(visual: nn.Module) -> None:
+    """Remove the 2x downsampling at the first stage of a timm ConvNeXt trunk.
+
+    timm adds it whenever the stem's stride is 2 (``patch_size=2``), so a patch-2 stem
+    alone still gives strides 4/8/16/32; without it the stages run at 2/4/8/16 (a cost
+    map at stride 16). ``vision_cfg["timm_first_stage_downsample"] = False`` (this
+    library's extension) asks for it; the trunk's ``feature_info`` is updated to match.
+    """
+    trunk = getattr(visual, "trunk", None)
+    stages = getattr(trunk, "stages", None)
+    downsample = getattr(stages[0], "downsample", None) if stages is not None else None
+    convs = [m for m in downsample.modules() if isinstance(m, nn.Conv2d)] if downsample is not None else []
+    if len(convs) != 1 or convs[0].stride != (2, 2) or convs[0].in_channels != convs[0].out_channels:
+        raise ValueError(
+            "timm_first_stage_downsample=false needs a timm ConvNeXt trunk whose first stage "
+            "downsamples by 2 without changing width (a patch_size=2 stem)"
+        )
+    stages[0].downsample = nn.Identity()
+    for info in trunk.feature_info:
+        info["reduction"] = int(info["reduction"]) // 2
 
 
 def conv_stem_of(clip: ClipConfig) -> tuple[int, ...]:
@@ -442,10 +515,12 @@ class DenseConvNeXt(nn.Module):
 
     open_clip's ``encode_image`` is: trunk stages -> global average pool -> the trunk
     head's LayerNorm -> the CLIP head (Linear, or MLP for ConvNeXt-L). Applying the
-    LayerNorm and the CLIP head to every stride-32 pixel instead of the pooled vector gives
+    LayerNorm and the CLIP head to every last-stage pixel (stride 32, or 16 with a patch-2
+    stem) instead of the pooled vector gives
     a dense CLIP embedding per pixel (SED's cost-map features).
 
-    ``stages(images)`` -> the four stage outputs (B, C_i, H/s, W/s), s = 4, 8, 16, 32;
+    ``stages(images)`` -> the four stage outputs (B, C_i, H/s, W/s), s in ``stage_strides``
+    (4, 8, 16, 32; 2, 4, 8, 16 with a patch-2 stem);
     ``embed(res5)`` (B, C, h, w) -> (B, E, h, w) unnormalised; ``forward(images)`` -> dense
     normalised (B, h*w, E) and (h, w).
     """
@@ -466,22 +541,27 @@ class DenseConvNeXt(nn.Module):
             for fc2 in (stage.blocks[-1].mlp.fc2 for stage in trunk.stages)
         ]
         self.output_dim = _head_dim(self.head)
+        # each stage's stride: the stem's, doubled by every downsampling stage after it
+        self.stage_strides = [int(info["reduction"]) for info in trunk.feature_info]
 
     @property
     def stride(self) -> int:
-        return 32
+        """The last stage's stride (32 for standard ConvNeXts, 16 with a patch-2 stem)."""
+        return self.stage_strides[-1]
 
     @property
     def reads_masks(self) -> bool:
         return False
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        if height % 32 or width % 32:
-            raise ValueError(f"image size {height}x{width} is not a multiple of 32")
-        return height // 32, width // 32
+        stride = self.stride
+        if height % stride or width % stride:
+            raise ValueError(f"image size {height}x{width} is not a multiple of {stride}")
+        return height // stride, width // stride
 
     def stages(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) -> [res2, res3, res4, res5] at strides 4, 8, 16, 32."""
+        """(B, 3, H, W) -> [res2, res3, res4, res5] at ``stage_strides`` (4, 8, 16, 32
+        for standard ConvNeXts)."""
         x = self.stem(images.to(next(self.stem.parameters()).dtype))
         out = []
         for stage in self.trunk_stages:

@@ -14,6 +14,10 @@ the stem, so every family loads it without code outside the library::
 
 (plain ``open_clip.create_model("local-dir:...")`` cannot build the stem and refuses it).
 
+:func:`tiny_convnext_clip_config` is the other tower, SED's backbone: a small timm ConvNeXt
+through open_clip's ``TimmModel`` at strides 2/4/8/16, pretrained the same way (its crops
+are fed as they are: no position table) and saved in the same layout.
+
 Pretraining runs on the library's engine (:class:`~onepass_ovs.training.trainer.Trainer`:
 atomic checkpoints, exact resume, a JSONL log); its output folder::
 
@@ -62,18 +66,21 @@ __all__ = [
     "TINY_CLIP_CONV_STEM",
     "TINY_CLIP_NAME",
     "TINY_CLIP_PREPROCESS",
+    "TINY_CONVNEXT_CLIP_CONFIG",
     "TRAIN_STREAM",
     "build_tiny_clip",
     "dense_tower",
     "encode_class_prompts",
     "evaluate_tiny_clip",
     "images_to_tensor",
+    "is_convnext_clip",
     "load_tiny_clip",
     "patch_features",
     "pretrain_tiny_clip",
     "register_tiny_clip",
     "save_open_clip_folder",
     "tiny_clip_config",
+    "tiny_convnext_clip_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -122,6 +129,47 @@ def tiny_clip_config(conv_stem: tuple[int, ...] | None = TINY_CLIP_CONV_STEM) ->
     if conv_stem:
         cfg["conv_stem"] = [int(c) for c in conv_stem]
     return cfg
+
+
+#: open_clip model config of the tiny *ConvNeXt* CLIP (SED's backbone in the shapes world):
+#: a timm ConvNeXt through open_clip's ``TimmModel`` (global average pool, the trunk
+#: head's LayerNorm, a linear projection), the text tower of :data:`TINY_CLIP_CONFIG`.
+#: Two keys are this library's extensions, applied by
+#: :func:`onepass_ovs.models.towers.create_clip` (open_clip's own factory cannot build it):
+#: ``timm_model_kwargs`` (forwarded to ``timm.create_model``: stage widths and depths, a
+#: patch-2 stem, channels-last MLPs) and ``timm_first_stage_downsample: false`` (timm
+#: downsamples again at the first stage after a stride-2 stem; without it the four stages
+#: run at strides 2/4/8/16, so a 128 px scene gives an 8 x 8 cost map). About 1.1 M
+#: image-tower parameters.
+TINY_CONVNEXT_CLIP_CONFIG: dict[str, Any] = {
+    "embed_dim": 128,
+    "vision_cfg": {
+        "timm_model_name": "convnext_atto",
+        "timm_model_pretrained": False,
+        "timm_pool": "avg",
+        "timm_proj": "linear",
+        "image_size": 128,
+        "timm_model_kwargs": {
+            "dims": [32, 64, 128, 256],
+            "depths": [1, 1, 2, 1],
+            "patch_size": 2,
+            "conv_mlp": False,
+        },
+        "timm_first_stage_downsample": False,
+    },
+    "text_cfg": copy.deepcopy(TINY_CLIP_CONFIG["text_cfg"]),
+}
+
+
+def tiny_convnext_clip_config() -> dict[str, Any]:
+    """A copy of :data:`TINY_CONVNEXT_CLIP_CONFIG`, as stored in its folder."""
+    return copy.deepcopy(TINY_CONVNEXT_CLIP_CONFIG)
+
+
+def is_convnext_clip(model: open_clip.CLIP) -> bool:
+    """True for a CLIP whose image tower is a timm ConvNeXt (fully convolutional: any
+    input size, no position table)."""
+    return hasattr(model.visual, "trunk") and hasattr(model.visual.trunk, "stages")
 
 
 #: Preprocessing stored next to the weights (open_clip's ``preprocess_cfg``).
@@ -217,10 +265,12 @@ def save_open_clip_folder(
 
 def load_tiny_clip(path: str | Path, image_size: int | None = None) -> open_clip.CLIP:
     """Load a folder written by :func:`save_open_clip_folder` (safetensors + JSON; the
-    config's ``model_cfg`` may carry a ``"conv_stem"``), in eval mode.
+    config's ``model_cfg`` may carry a ``"conv_stem"``, or be the ConvNeXt's with its
+    ``timm_model_kwargs``), in eval mode.
 
     ``image_size`` rebuilds the vision tower for another input size; open_clip's loader
-    then bicubically resizes the learned position table to the new grid.
+    then bicubically resizes a ViT's learned position table to the new grid (a ConvNeXt
+    takes any size anyway).
     """
     from ..hub import OPEN_CLIP_WEIGHTS_NAME, resolve_clip
     from ..models.towers import load_open_clip_weights
@@ -271,11 +321,19 @@ def encode_class_prompts(
 
 
 def dense_tower(model: open_clip.CLIP, severance: str = "none", blocks=(-1,)):
-    """The library's dense ViT adapter (:class:`onepass_ovs.models.towers.DenseViT`) around
-    ``model.visual`` (modules shared, not copied): positions interpolated to any grid,
-    ``severance`` in ``blocks``."""
-    from ..models.towers import DenseViT
+    """The library's dense adapter around ``model.visual`` (modules shared, not copied).
 
+    ViT: :class:`onepass_ovs.models.towers.DenseViT` (positions interpolated to any grid,
+    ``severance`` in ``blocks``). ConvNeXt: :class:`~onepass_ovs.models.towers.DenseConvNeXt`
+    (the trunk's last feature map through the tower's head per pixel, SED's dense
+    embedding; ``severance`` must be ``"none"``).
+    """
+    from ..models.towers import DenseConvNeXt, DenseViT
+
+    if is_convnext_clip(model):
+        if severance != "none":
+            raise ValueError(f"a ConvNeXt CLIP has no attention to sever (severance={severance!r})")
+        return DenseConvNeXt(model.visual)
     return DenseViT(model.visual, severance=severance, severance_blocks=blocks)
 
 
@@ -283,19 +341,21 @@ def dense_tower(model: open_clip.CLIP, severance: str = "none", blocks=(-1,)):
 def patch_features(
     model: open_clip.CLIP, pixels: torch.Tensor, sever_last_block: bool = False
 ) -> torch.Tensor:
-    """Dense CLIP features: patch tokens after ``ln_post`` and ``proj``, L2-normalised.
+    """Dense CLIP features, L2-normalised: a ViT's patch tokens after ``ln_post`` and
+    ``proj``, or a ConvNeXt's last feature map through its head per pixel.
 
-    Runs the library's :class:`~onepass_ovs.models.towers.DenseViT` (any input size:
+    Runs the library's dense adapter (:func:`dense_tower`; any input size: a ViT's
     positions are interpolated bicubically).
 
     Args:
-        pixels: ``(B, 3, H, W)`` normalised images, sides multiples of the patch.
+        pixels: ``(B, 3, H, W)`` normalised images, sides multiples of the patch (ViT) or
+            of the last stage's stride (ConvNeXt).
         sever_last_block: replace the last block's attention by the identity (each token
             attends only to itself: ``out_proj(v_l)``), the "identity" patch severance a
-            one-pass segmenter applies so that token features stay local.
+            one-pass segmenter applies so that token features stay local (ViT only).
 
     Returns:
-        ``(B, h, w, D)`` features on the ``h x w = H/patch x W/patch`` grid.
+        ``(B, h, w, D)`` features on the ``h x w = H/stride x W/stride`` grid.
     """
     tower = dense_tower(model, "identity" if sever_last_block else "none")
     dense, (h, w) = tower(pixels)
@@ -326,7 +386,9 @@ def evaluate_tiny_clip(
     - ``region_{seen,unseen}``: 30-way classification of each object in 2-4 object scenes
       from its mask-average-pooled patch features (weights = fraction of each patch
       covered by the object's visible pixels); ``region_severed_*`` does the same with
-      the last block's attention replaced by the identity (see :func:`patch_features`).
+      the last block's attention replaced by the identity (see :func:`patch_features`;
+      ViT only). For a ConvNeXt CLIP the dense features are SED's: the last stage's map
+      through the tower's head per pixel.
 
     Scenes are rendered at ``scene_size`` and resized to ``image_size`` (default: the
     model's input size). They come from the evaluation streams ``[EVAL_STREAM, seed, 0]``
@@ -368,7 +430,7 @@ def evaluate_tiny_clip(
         scenes.render_scene(rng, scene_size, num_objects=int(rng.integers(2, 5)))
         for _ in range(num_region_scenes)
     ]
-    for severed in (False, True):
+    for severed in (False,) if is_convnext_clip(model) else (False, True):
         hits, is_unseen = [], []
         for start in range(0, len(region_scenes), batch_size):
             chunk = region_scenes[start:start + batch_size]
@@ -393,8 +455,9 @@ def evaluate_tiny_clip(
 
 def _encode_image(model: open_clip.CLIP, pixels: torch.Tensor) -> torch.Tensor:
     """Normalised global embeddings (B, E) at any input size (``encode_image`` at the
-    model's own size; positions interpolated by the dense adapter otherwise)."""
-    if tuple(pixels.shape[-2:]) == tuple(model.visual.image_size):
+    model's own size; positions interpolated by the dense adapter otherwise; a ConvNeXt
+    takes any size)."""
+    if is_convnext_clip(model) or tuple(pixels.shape[-2:]) == tuple(model.visual.image_size):
         return model.encode_image(pixels, normalize=True)
     return F.normalize(dense_tower(model).global_embedding(pixels), dim=-1)
 
@@ -535,7 +598,7 @@ class _PretrainSteps(torch.utils.data.Dataset):
     of ``(seed, step)``, so exact resume holds.
 
     Item: ``{"pixels": (N, 3, S, S) float, "tokens": (N, context) long, "offsets":
-    (N, 2) long (crop phase; (0, 2) at full resolution)}``.
+    (N, 2) long (a ViT's crop phase; (0, 2) at full resolution and for a ConvNeXt)}``.
     """
 
     def __init__(self, *, steps: int, order_seed: int, plan: dict[str, Any], tokenizer):
@@ -554,7 +617,7 @@ class _PretrainSteps(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         plan = self.plan
         step = self.step_of_index[index]
-        seed, full_size, patch = plan["seed"], plan["full_size"], plan["patch"]
+        seed, full_size = plan["seed"], plan["full_size"]
         cropped = step < plan["crop_steps"]
         single = 1.0 if step < plan["single_object_steps"] else plan["single_object_fraction"]
         if cropped:
@@ -564,12 +627,15 @@ class _PretrainSteps(torch.utils.data.Dataset):
                 single_object_fraction=single, max_objects=3,
                 object_size=tuple(b * full_size / crop for b in scenes.OBJECT_SIZE_RANGE),
             )
-            max_offset = (full_size - crop) // patch
-            offsets = torch.from_numpy(
-                np.random.default_rng([TRAIN_STREAM, seed, step, 1]).integers(
-                    0, max_offset + 1, (len(images), 2)
+            if plan["patch"]:  # ViT: each crop at a window of the position table
+                max_offset = (full_size - crop) // plan["patch"]
+                offsets = torch.from_numpy(
+                    np.random.default_rng([TRAIN_STREAM, seed, step, 1]).integers(
+                        0, max_offset + 1, (len(images), 2)
+                    )
                 )
-            )
+            else:  # fully convolutional: the crop as it is
+                offsets = torch.zeros(0, 2, dtype=torch.long)
         else:
             images, captions = _training_batch(
                 seed, step, plan["full_res_batch_size"], full_size,
@@ -670,9 +736,10 @@ def pretrain_tiny_clip(
     Two phases share one schedule:
 
     1. Crops (the first ``1 - full_res_fraction`` of the steps): ``crop_size`` px scenes
-       whose objects have their full-resolution pixel size, each placed at a random
-       window of the position table (:func:`_encode_image_windows`). Patch tokens then
-       see objects at the scale of full-size scenes for a quarter of the cost.
+       whose objects have their full-resolution pixel size; a ViT places each at a
+       random window of its position table (:func:`_encode_image_windows`), a ConvNeXt
+       (fully convolutional, no positions) just runs on the crop. Features then see
+       objects at the scale of full-size scenes for a quarter of the cost.
     2. Full resolution (the rest): whole scenes at the model's input size, so pooling
        and positions adapt to full images with 1-4 objects.
 
@@ -687,9 +754,10 @@ def pretrain_tiny_clip(
         steps: optimiser steps, both phases together.
         batch_size: scenes per crop-phase step (also the number of in-batch negatives).
         seed: seeds the initialisation, the engine and the scene stream.
-        model_cfg: model config (default :func:`tiny_clip_config`, with the conv stem).
-        crop_size: crop side in px (a multiple of the patch size); ``None`` trains on
-            full-resolution scenes only.
+        model_cfg: model config (default :func:`tiny_clip_config`, with the conv stem;
+            :func:`tiny_convnext_clip_config` for the ConvNeXt).
+        crop_size: crop side in px (a multiple of the patch size, or of a ConvNeXt's
+            last stride); ``None`` trains on full-resolution scenes only.
         full_res_fraction: share of the steps (the last ones) on full-resolution scenes.
         full_res_batch_size: scenes per full-resolution step.
         group_size: scenes per group of confusable scenes; 1 gives independent scenes.
@@ -721,9 +789,18 @@ def pretrain_tiny_clip(
         stem.batch_statistics = True  # BatchNorm in train mode while pretraining
     tokenizer = _tokenizer(model)
     full_size = model.visual.image_size[0]
-    patch = model.visual.patch_size[0]
-    if crop_size is not None and (crop_size % patch or crop_size > full_size):
-        raise ValueError(f"crop_size must be a multiple of {patch} and <= {full_size}, got {crop_size}")
+    convnext = is_convnext_clip(model)
+    patch = None if convnext else model.visual.patch_size[0]
+    if convnext:
+        from ..models.towers import DenseConvNeXt
+
+        multiple = DenseConvNeXt(model.visual).stride  # sides the trunk divides evenly
+    else:
+        multiple = patch
+    if crop_size is not None and (crop_size % multiple or crop_size > full_size):
+        raise ValueError(
+            f"crop_size must be a multiple of {multiple} and <= {full_size}, got {crop_size}"
+        )
     crop_steps = 0 if crop_size is None else steps - int(round(full_res_fraction * steps))
     warmup = warmup_steps if warmup_steps is not None else max(1, steps // 20)
     plan = {
@@ -786,6 +863,7 @@ def pretrain_tiny_clip(
         "single_object_fraction": single_object_fraction,
         "single_object_warmup": single_object_warmup,
         "bf16": bf16,
+        "tower": "convnext" if convnext else "vit",
         "conv_stem": model_cfg.get("conv_stem", []),
     }
     trained_steps = max(1, steps - start_step)
@@ -805,7 +883,7 @@ def pretrain_tiny_clip(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m onepass_ovs.toy.clip --output DIR --steps N``."""
+    """``python -m onepass_ovs.toy.clip --output DIR --steps N [--tower convnext]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="run folder (the CLIP + the engine's files)")
     parser.add_argument("--steps", type=int, default=2000)
@@ -815,6 +893,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop-size", type=int, default=64, help="0 = full resolution only")
     parser.add_argument("--full-res-fraction", type=float, default=0.1)
     parser.add_argument("--full-res-batch-size", type=int, default=64)
+    parser.add_argument("--tower", choices=("vit", "convnext"), default="vit",
+                        help="image tower: the conv-stem ViT or the tiny ConvNeXt (SED's)")
     parser.add_argument("--pool", choices=("tok", "avg"), default=None)
     parser.add_argument("--patchify", action="store_true",
                         help="open_clip's patchify conv instead of the conv stem")
@@ -830,7 +910,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    model_cfg = tiny_clip_config(None if args.patchify else TINY_CLIP_CONV_STEM)
+    if args.tower == "convnext":
+        if args.patchify or args.pool:
+            parser.error("--patchify and --pool apply to the ViT tower only")
+        model_cfg = tiny_convnext_clip_config()
+    else:
+        model_cfg = tiny_clip_config(None if args.patchify else TINY_CLIP_CONV_STEM)
     if args.pool:
         model_cfg["vision_cfg"]["pool_type"] = args.pool
     result = pretrain_tiny_clip(
