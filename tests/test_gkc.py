@@ -274,25 +274,35 @@ def test_no_clip_image_tower_built_saved_or_loaded(tmp_path, monkeypatch, rgb_im
         assert backbone == trunk_keys
 
 
+def _convnext_clip_cfgs():
+    from onepass_ovs.models.sed import TINY_CONVNEXT_CLIP_CFG
+    from onepass_ovs.toy.clip import tiny_convnext_clip_config
+
+    # timm's convnext_atto as is (strides 4..32), and the shapes world's (timm kwargs,
+    # patch-2 stem without the first-stage downsample: strides 2..16)
+    return [(copy.deepcopy(TINY_CONVNEXT_CLIP_CFG), [16, 8, 4, 2]), (tiny_convnext_clip_config(), [32, 16, 8, 4])]
+
+
 @torch.no_grad()
-def test_convnext_clip_trunk_loads_and_matches_timm():
+@pytest.mark.parametrize("index", [0, 1])
+def test_convnext_clip_trunk_loads_and_matches_timm(index):
     """'clip-convnext': the trunk of a timm ConvNeXt CLIP, its last stage equal to timm's
     forward_features, no CLIP head in the model; the text side from the same CLIP."""
     from onepass_ovs.config import ClipConfig
-    from onepass_ovs.models.sed import TINY_CONVNEXT_CLIP_CFG
     from onepass_ovs.models.towers import create_clip
 
+    clip_cfg, widths = _convnext_clip_cfgs()[index]
     cfg = preset_config("gkc-tiny")
-    cfg.clip = ClipConfig(model_name="tiny-convnext", model_cfg=copy.deepcopy(TINY_CONVNEXT_CLIP_CFG))
+    cfg.clip = ClipConfig(model_name="tiny-convnext", model_cfg=copy.deepcopy(clip_cfg))
     cfg = cfg.replace(**{"gkc.backbone": "clip-convnext"})
     torch.manual_seed(3)
-    clip = create_clip(ClipConfig(model_name="tiny-convnext", model_cfg=copy.deepcopy(TINY_CONVNEXT_CLIP_CFG))).eval()
+    clip = create_clip(ClipConfig(model_name="tiny-convnext", model_cfg=copy.deepcopy(clip_cfg))).eval()
     _perturb(clip, seed=4, std=0.05)
     model = build_model(cfg).eval()
     model.load_clip_weights(clip)
     images = torch.randn(2, 3, 64, 64)
     features = model.backbone(images)
-    assert [f.shape[-1] for f in features] == [16, 8, 4, 2]
+    assert [f.shape[-1] for f in features] == widths
     torch.testing.assert_close(features[-1], clip.visual.trunk.forward_features(images))
     trunk_keys = {k for k in clip.visual.trunk.state_dict() if not k.startswith("head.")}
     assert {k.removeprefix("backbone.") for k in model.state_dict() if k.startswith("backbone.")} == trunk_keys

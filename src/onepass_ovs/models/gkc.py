@@ -59,6 +59,7 @@ from .towers import (
     TINY_CLIP_CFG,
     build_text_tower,
     check_activation_matches,
+    create_timm_image_tower,
     resolve_open_clip_config,
 )
 
@@ -161,13 +162,12 @@ class CLIPConvNeXtTrunk(nn.Module):
     names match the CLIP's ``visual.trunk``, so its state dict minus ``head.*`` loads.
 
     ``forward(images (B, 3, H, W))`` -> the four stage outputs, strides 4/8/16/32 for
-    timm's default stem.
+    timm's default stem (2/4/8/16 for the shapes world's patch-2 stem without the first
+    downsample; the decoders take the stages in order, whatever their strides).
     """
 
     def __init__(self, clip: ClipConfig):
         super().__init__()
-        from open_clip.model import _build_vision_tower
-
         cfg = resolve_open_clip_config(clip.model_name, clip.model_cfg)
         vision = cfg.get("vision_cfg", {})
         if "timm_model_name" not in vision:
@@ -175,7 +175,7 @@ class CLIPConvNeXtTrunk(nn.Module):
                 f"gkc backbone 'clip-convnext' needs a timm ConvNeXt CLIP config (vision_cfg."
                 f"timm_model_name); clip {clip.model_name!r} has none"
             )
-        trunk = _build_vision_tower(cfg["embed_dim"], vision).trunk
+        trunk = create_timm_image_tower(cfg).trunk
         if not hasattr(trunk, "stages") or not hasattr(trunk, "stem"):
             raise ValueError(f"{vision['timm_model_name']!r} is not a timm ConvNeXt")
         self.stem = trunk.stem

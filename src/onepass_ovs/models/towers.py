@@ -93,13 +93,9 @@ def create_clip(clip: ClipConfig) -> nn.Module:
         raise ValueError("CLIP models with a Hugging Face text tower are not supported yet")
     cfg.pop("multimodal_cfg", None)
     vision_cfg = cfg.get("vision_cfg", {})
-    timm_kwargs = vision_cfg.pop("timm_model_kwargs", None)
-    first_stage_downsample = vision_cfg.pop("timm_first_stage_downsample", True)
+    extensions = _pop_timm_extensions(vision_cfg)
     model = open_clip.CLIP(**cfg)
-    if timm_kwargs:
-        _rebuild_timm_tower(model.visual, vision_cfg, cfg["embed_dim"], timm_kwargs)
-    if not first_stage_downsample:
-        _drop_first_stage_downsample(model.visual)
+    _apply_timm_extensions(model.visual, vision_cfg, cfg["embed_dim"], *extensions)
     if stem:
         visual = model.visual
         if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
@@ -107,6 +103,39 @@ def create_clip(clip: ClipConfig) -> nn.Module:
         patch = visual.patch_size[0]
         visual.conv1 = ConvStem(stem, visual.conv1.out_channels, patch)
     return model
+
+
+def _pop_timm_extensions(vision_cfg: dict) -> tuple[dict | None, bool]:
+    """Remove this library's extensions of a timm ``vision_cfg`` (open_clip does not know
+    them) and return them: ``timm_model_kwargs``, ``timm_first_stage_downsample``."""
+    return (
+        vision_cfg.pop("timm_model_kwargs", None),
+        bool(vision_cfg.pop("timm_first_stage_downsample", True)),
+    )
+
+
+def _apply_timm_extensions(
+    visual: nn.Module, vision_cfg: dict, embed_dim: int, kwargs: dict | None, first_stage_downsample: bool
+) -> None:
+    if kwargs:
+        _rebuild_timm_tower(visual, vision_cfg, embed_dim, kwargs)
+    if not first_stage_downsample:
+        _drop_first_stage_downsample(visual)
+
+
+def create_timm_image_tower(model_cfg: dict) -> nn.Module:
+    """The image tower alone (random weights) of a timm CLIP config (``vision_cfg`` with a
+    ``timm_model_name``), with this library's extensions applied exactly as
+    :func:`create_clip` applies them; no text tower is built."""
+    from open_clip.model import _build_vision_tower
+
+    vision_cfg = copy.deepcopy(model_cfg.get("vision_cfg", {}))
+    if "timm_model_name" not in vision_cfg:
+        raise ValueError("create_timm_image_tower needs vision_cfg.timm_model_name")
+    extensions = _pop_timm_extensions(vision_cfg)
+    visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg)
+    _apply_timm_extensions(visual, vision_cfg, model_cfg["embed_dim"], *extensions)
+    return visual
 
 
 def _rebuild_timm_tower(visual: nn.Module, vision_cfg: dict, embed_dim: int, kwargs: dict) -> None:

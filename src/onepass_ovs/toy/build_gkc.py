@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 
 from ..config import (
+    CLIP_MEAN,
+    CLIP_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
     ClipConfig,
@@ -45,7 +47,7 @@ from ..config import (
     PreprocessConfig,
     TextConfig,
 )
-from ..models.gkc import GKCConfig
+from ..models.gkc import CLIP_CONVNEXT, CLIP_RESNET, GKCConfig
 from . import scenes
 from .build import EVAL_SEED, TRAIN_SEED, _last_logged, _Summary, evaluate_on_fresh_scenes
 
@@ -62,25 +64,33 @@ VARIANTS = {
 
 
 def demo_gkc_config(clip_cfg: dict) -> ModelConfig:
-    """GKC at shapes-world sizes around the tiny CLIP's text tower (``clip_cfg``: its
-    open_clip model config; its image tower is not used). The trunk is open_clip's
-    ModifiedResNet layout at width 16 (channels 64 / 128 / 256 / 512 at strides 4-32)."""
-    model_cfg = {
-        "embed_dim": clip_cfg["embed_dim"],
-        "quick_gelu": bool(clip_cfg.get("quick_gelu", False)),
-        "vision_cfg": {"image_size": 128, "layers": [1, 1, 1, 1], "width": 16, "patch_size": None},
-        "text_cfg": copy.deepcopy(clip_cfg["text_cfg"]),
-    }
+    """GKC at shapes-world sizes around the tiny CLIP ``clip_cfg`` (its open_clip model
+    config). A ConvNeXt CLIP (``vision_cfg.timm_model_name``) gives its trunk as the
+    backbone (``"clip-convnext"``, fine-tuned, as the paper fine-tunes its CLIP RN50 trunk)
+    and the images keep CLIP's normalisation; any other CLIP gives only its text tower, and
+    the backbone is a CLIP-ResNet-shaped trunk at width 16 (channels 64 / 128 / 256 / 512 at
+    strides 4-32) trained from scratch on ImageNet-normalised images."""
+    if "timm_model_name" in clip_cfg.get("vision_cfg", {}):
+        model_cfg = copy.deepcopy(clip_cfg)
+        backbone, mean, std = CLIP_CONVNEXT, CLIP_MEAN, CLIP_STD
+    else:
+        model_cfg = {
+            "embed_dim": clip_cfg["embed_dim"],
+            "quick_gelu": bool(clip_cfg.get("quick_gelu", False)),
+            "vision_cfg": {"image_size": 128, "layers": [1, 1, 1, 1], "width": 16, "patch_size": None},
+            "text_cfg": copy.deepcopy(clip_cfg["text_cfg"]),
+        }
+        backbone, mean, std = CLIP_RESNET, IMAGENET_MEAN, IMAGENET_STD
     return ModelConfig(
         family="gkc",
         name="demo-gkc",
         preprocess=PreprocessConfig(
-            short_side=128, max_long_side=512, pad_multiple=32, window=256,
-            mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        ),  # fmt: skip
-        clip=ClipConfig(model_name="ovs-shapes-clip-text", model_cfg=model_cfg),
+            short_side=128, max_long_side=512, pad_multiple=32, window=256, mean=mean, std=std
+        ),
+        clip=ClipConfig(model_name="ovs-shapes-clip", model_cfg=model_cfg),
         text=TextConfig(templates="single", prompt_length=0),
         family_config=GKCConfig(
+            backbone=backbone,
             hidden_dim=64,
             mask_dim=64,
             norm_groups=8,
@@ -154,7 +164,12 @@ def build(
 
     torch.manual_seed(seed)
     base = Segmenter.from_config(demo_gkc_config(clip_cfg), device=device, seed=seed)
-    base.model.load_text_weights(clip_model)
+    pretrained_trunk = base.config.family_config.backbone == CLIP_CONVNEXT
+    if pretrained_trunk:
+        base.model.load_clip_weights(clip_model)  # trunk and text tower
+    else:
+        base.model.load_text_weights(clip_model)
+    backbone_lr_mult = 0.1 if pretrained_trunk else 1.0
     initial = copy.deepcopy(base.model.state_dict())
 
     names = list(VARIANTS) if ablations else ["gkc"]
@@ -170,7 +185,7 @@ def build(
         cfg = default_config(
             "gkc", steps=steps, batch_size=batch_size, lr=lr, seed=seed, output_dir=str(run_dir),
             checkpoint_every=500, log_every=min(50, steps), device=device, progress_bar=progress,
-            lr_multipliers={"backbone": 1.0},
+            lr_multipliers={"backbone": backbone_lr_mult},
         )  # fmt: skip
         trained[name] = train_gkc(
             segmenter, dataset, cfg, synonym_sources=synonyms, teacher=teacher,
