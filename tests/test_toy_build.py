@@ -125,3 +125,43 @@ def test_quick_sed_recipe_trains_and_evaluates_with_and_without_rejection(tmp_pa
 
     saved = load_file(out / "model" / "model.safetensors")
     assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.float16}
+
+
+@pytest.mark.slow
+def test_quick_gkc_recipe_on_a_convnext_trunk_keeps_the_text_clip(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from onepass_ovs.config import ClipConfig
+    from onepass_ovs.models.towers import create_clip
+    from onepass_ovs.toy import build_gkc
+    from onepass_ovs.toy.clip import (
+        build_tiny_clip,
+        save_open_clip_folder,
+        tiny_clip_config,
+        tiny_convnext_clip_config,
+    )
+
+    torch.manual_seed(0)
+    text_cfg = tiny_clip_config()
+    text_clip = build_tiny_clip(text_cfg)
+    text_dir = save_open_clip_folder(text_clip, text_cfg, tmp_path / "clip")
+    trunk_cfg = tiny_convnext_clip_config()
+    trunk_clip = create_clip(ClipConfig(model_name="tiny-convnext", model_cfg=trunk_cfg))
+    with torch.no_grad():  # weights no fresh initialisation could have
+        for param in trunk_clip.visual.trunk.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    trunk_dir = save_open_clip_folder(trunk_clip, trunk_cfg, tmp_path / "convnext")
+    out = tmp_path / "gkc"
+    build_gkc.main(["--output", str(out), "--clip", str(text_dir), "--trunk-clip", str(trunk_dir),
+                    "--quick", "--no-progress"])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["trunk_clip_dir"] == str(trunk_dir.resolve())
+    saved = load_file(out / "model" / "model.safetensors")
+    trunk = {k: v for k, v in trunk_clip.visual.trunk.state_dict().items() if not k.startswith("head.")}
+    assert {k.removeprefix("backbone.") for k in saved if k.startswith("backbone.")} == set(trunk)
+    # 3 steps at 0.1x the lr: the backbone is still the ConvNeXt CLIP's trunk (a fresh
+    # init differs by ~0.5); the frozen text tower is exactly the ViT CLIP's
+    assert max((saved[f"backbone.{k}"].float() - v).abs().max() for k, v in trunk.items()) < 0.01
+    assert torch.equal(saved["text_encoder.token_embedding.weight"],
+                       text_clip.token_embedding.weight.half())  # fmt: skip

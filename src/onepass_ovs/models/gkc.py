@@ -395,9 +395,15 @@ class GKC(nn.Module):
         return self.decode_scores(self.encode_image(images, image_sizes), text_embeddings)
 
     def load_clip_weights(self, clip_model: nn.Module) -> None:
-        """Copy an open_clip CLIP's image trunk and its text tower into this model: a
-        ResNet CLIP's ``visual`` without its attention pool ('clip-resnet'), or a timm
-        ConvNeXt CLIP's ``visual.trunk`` without its head ('clip-convnext')."""
+        """Copy an open_clip CLIP's image trunk (:meth:`load_trunk_weights`) and its text
+        tower (:meth:`load_text_weights`) into this model."""
+        self.load_trunk_weights(clip_model)
+        self.load_text_weights(clip_model)
+
+    def load_trunk_weights(self, clip_model: nn.Module) -> None:
+        """Copy an open_clip CLIP's image trunk into the backbone: a ResNet CLIP's
+        ``visual`` without its attention pool ('clip-resnet'), or a timm ConvNeXt CLIP's
+        ``visual.trunk`` without its head ('clip-convnext')."""
         if isinstance(self.backbone, CLIPResNetTrunk):
             skip, source = "attnpool.", clip_model.visual
         elif isinstance(self.backbone, CLIPConvNeXtTrunk):
@@ -408,7 +414,6 @@ class GKC(nn.Module):
             raise ValueError("load_clip_weights needs the 'clip-resnet' or 'clip-convnext' backbone")
         visual = OrderedDict((k, v) for k, v in source.state_dict().items() if not k.startswith(skip))
         self.backbone.load_state_dict(visual, strict=True)
-        self.load_text_weights(clip_model)
 
     def load_text_weights(self, clip_model: nn.Module) -> None:
         """Copy an open_clip ``CLIP``'s text tower (any image tower) into this model: a

@@ -63,15 +63,25 @@ VARIANTS = {
 }
 
 
-def demo_gkc_config(clip_cfg: dict) -> ModelConfig:
+def demo_gkc_config(clip_cfg: dict, trunk_cfg: dict | None = None) -> ModelConfig:
     """GKC at shapes-world sizes around the tiny CLIP ``clip_cfg`` (its open_clip model
-    config). A ConvNeXt CLIP (``vision_cfg.timm_model_name``) gives its trunk as the
-    backbone (``"clip-convnext"``, fine-tuned, as the paper fine-tunes its CLIP RN50 trunk)
-    and the images keep CLIP's normalisation; any other CLIP gives only its text tower, and
-    the backbone is a CLIP-ResNet-shaped trunk at width 16 (channels 64 / 128 / 256 / 512 at
-    strides 4-32) trained from scratch on ImageNet-normalised images."""
-    if "timm_model_name" in clip_cfg.get("vision_cfg", {}):
-        model_cfg = copy.deepcopy(clip_cfg)
+    config), whose text tower names the classes. The backbone is the trunk of the ConvNeXt
+    CLIP ``trunk_cfg`` (default ``clip_cfg`` itself when it is a ConvNeXt CLIP:
+    ``vision_cfg.timm_model_name``): ``"clip-convnext"``, fine-tuned as the paper fine-tunes
+    its CLIP RN50 trunk, images in CLIP's normalisation. Without a ConvNeXt CLIP it is a
+    CLIP-ResNet-shaped trunk at width 16 (channels 64 / 128 / 256 / 512 at strides 4-32)
+    trained from scratch on ImageNet-normalised images."""
+    if trunk_cfg is None and "timm_model_name" in clip_cfg.get("vision_cfg", {}):
+        trunk_cfg = clip_cfg
+    if trunk_cfg is not None:
+        if "timm_model_name" not in trunk_cfg.get("vision_cfg", {}):
+            raise ValueError("the trunk CLIP must be a timm ConvNeXt CLIP (vision_cfg.timm_model_name)")
+        model_cfg = {
+            "embed_dim": clip_cfg["embed_dim"],
+            "quick_gelu": bool(clip_cfg.get("quick_gelu", False)),
+            "vision_cfg": copy.deepcopy(trunk_cfg["vision_cfg"]),
+            "text_cfg": copy.deepcopy(clip_cfg["text_cfg"]),
+        }
         backbone, mean, std = CLIP_CONVNEXT, CLIP_MEAN, CLIP_STD
     else:
         model_cfg = {
@@ -111,6 +121,7 @@ def build(
     output: Path,
     *,
     clip_dir: Path,
+    trunk_clip_dir: Path | None = None,
     steps: int = 2000,
     num_train: int = 2000,
     batch_size: int = 8,
@@ -123,6 +134,10 @@ def build(
     progress: bool = True,
 ) -> dict:
     """Run the recipe; returns the summary (also written as ``summary.json``).
+
+    ``clip_dir``: the tiny CLIP naming the classes (text tower), scoring synonyms and
+    teaching; ``trunk_clip_dir``: a tiny ConvNeXt CLIP whose trunk is the backbone
+    (default: ``clip_dir``'s if it is one, else a trunk trained from scratch).
 
     ``num_points``: mask-loss points per region; the default covers a whole 128 px crop,
     so the losses use every pixel (cheaper on a CPU than choosing uncertain points).
@@ -140,7 +155,8 @@ def build(
     work = output / "work"
     clip_dir = Path(clip_dir).resolve()
     settings = {
-        "clip_dir": str(clip_dir), "steps": steps, "num_train": num_train,
+        "clip_dir": str(clip_dir),
+        "trunk_clip_dir": str(trunk_clip_dir) if trunk_clip_dir else None, "steps": steps, "num_train": num_train,
         "batch_size": batch_size, "lr": lr, "num_points": num_points, "num_eval": num_eval, "seed": seed,
         "ablations": ablations, "device": device, "torch_threads": torch.get_num_threads(),
         "train_seed": TRAIN_SEED + seed, "eval_seed": EVAL_SEED, "region_view": "in_place",
@@ -162,13 +178,17 @@ def build(
     synonyms = [shapes_world_synonyms(dataset.classes)]
     cache_dir = work / "offline"  # synonym scores and teacher embeddings, shared by the rows
 
+    trunk_clip, trunk_cfg = None, None
+    if trunk_clip_dir is not None:
+        trunk_clip_dir = Path(trunk_clip_dir).resolve()
+        trunk_clip = load_tiny_clip(trunk_clip_dir)
+        trunk_cfg = json.loads((trunk_clip_dir / "open_clip_config.json").read_text())["model_cfg"]
     torch.manual_seed(seed)
-    base = Segmenter.from_config(demo_gkc_config(clip_cfg), device=device, seed=seed)
+    base = Segmenter.from_config(demo_gkc_config(clip_cfg, trunk_cfg), device=device, seed=seed)
     pretrained_trunk = base.config.family_config.backbone == CLIP_CONVNEXT
+    base.model.load_text_weights(clip_model)
     if pretrained_trunk:
-        base.model.load_clip_weights(clip_model)  # trunk and text tower
-    else:
-        base.model.load_text_weights(clip_model)
+        base.model.load_trunk_weights(trunk_clip if trunk_clip is not None else clip_model)
     backbone_lr_mult = 0.1 if pretrained_trunk else 1.0
     initial = copy.deepcopy(base.model.state_dict())
 
@@ -220,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--clip", required=True, type=Path, help="the pretrained tiny CLIP folder")
+    parser.add_argument("--trunk-clip", type=Path, default=None,
+                        help="a tiny ConvNeXt CLIP folder whose trunk is the backbone")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -237,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         sizes = dict(QUICK)
     summary = build(
-        args.output, clip_dir=args.clip, lr=args.lr, seed=args.seed, ablations=args.ablations,
+        args.output, clip_dir=args.clip, trunk_clip_dir=args.trunk_clip, lr=args.lr, seed=args.seed, ablations=args.ablations,
         device=args.device, progress=not args.no_progress, **sizes,
     )
     if args.install:
