@@ -1,6 +1,7 @@
 """The shapes-world recipe that builds the offline ``demo-gkc`` model, end to end.
 
-    python -m onepass_ovs.toy.build_gkc --output runs/demo-gkc --clip runs/demo/work/clip
+    python -m onepass_ovs.toy.build_gkc --output runs/demo-gkc --clip runs/clip \
+        --trunk-clip runs/convnext-clip --steps 1500             # the shipped demo-gkc
     python -m onepass_ovs.toy.build_gkc --output runs/demo-gkc --clip DIR --ablations
     python -m onepass_ovs.toy.build_gkc --output /tmp/q --clip DIR --quick   # smoke run
 
@@ -13,9 +14,10 @@ Steps (docs/gkc.md, "The shapes world"):
    grey), not as the authors' magnified box crop (``FrozenClip(region_view="in_place")``);
 2. the segmentation training scenes (the same stream as ``toy.build``; unseen classes
    ignore);
-3. GKC at shapes-world sizes: a CLIP-ResNet-shaped trunk trained from scratch (no
-   pretrained image tower exists for it; its lr multiplier is 1, not the paper's 0.1), the
-   tiny CLIP's text tower, frozen;
+3. GKC at shapes-world sizes: the tiny CLIP's text tower, frozen, and as backbone the
+   trunk of a tiny ConvNeXt CLIP (``--trunk-clip``, or ``--clip`` itself when it is one;
+   fine-tuned at 0.1x the lr, as the paper's CLIP RN50 trunk), or without one a
+   CLIP-ResNet-shaped trunk trained from scratch (lr multiplier 1);
 4. training with text diversification (the built-in shapes-world synonyms: colour and
    shape synonyms crossed) and text-guided distillation, the plain class-name loss kept;
    ``--ablations`` also trains without diversification, without distillation, and
