@@ -28,7 +28,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 # name -> folder inside the package (pretrained presets)
-PRETRAINED_PRESETS = {"demo": "weights/demo", "demo-gkc": "weights/demo-gkc"}
+PRETRAINED_PRESETS = {"demo": "weights/demo", "demo-gkc": "weights/demo-gkc", "demo-sed": "weights/demo-sed"}
 
 
 class ModelNotAvailableError(OSError):
