@@ -146,6 +146,38 @@ class _Summary:
     def write(self) -> None:
         self.path.write_text(json.dumps(self.data, indent=2) + "\n")
 
+    def finish(self, start: float) -> dict:
+        """Record the total wall time since ``start`` (``time.perf_counter()``), write, and
+        return the summary."""
+        self.data["total_seconds"] = round(time.perf_counter() - start, 2)
+        self.write()
+        print(f"done in {self.data['total_seconds']:.0f} s; summary: {self.path}", flush=True)
+        return self.data
+
+
+def save_fp16(segmenter, folder: Path) -> None:
+    """Save ``segmenter`` as a pretrained folder with fp16 weights (the shipped demos'
+    size); the model in memory stays float32."""
+    segmenter.model.half()
+    segmenter.save_pretrained(folder)
+    segmenter.model.float()
+
+
+def training_dataset(work: Path, num_train: int, seed: int, summary: _Summary):
+    """The segmentation training scenes (rendered once into ``work/train_scenes``, stream
+    ``TRAIN_SEED + seed``) as a dataset whose unseen classes are ignore."""
+    from ..data import FolderDataset
+    from .export import export_folder
+
+    start = time.perf_counter()
+    train_dir = work / "train_scenes"
+    if not (train_dir / "classes.txt").exists():
+        print(f"rendering {num_train} training scenes -> {train_dir}", flush=True)
+        export_folder(train_dir, num_train, TRAIN_SEED + seed)
+    dataset = FolderDataset(train_dir, unseen=list(scenes.UNSEEN_CLASSES))
+    summary.step("train_scenes", time.perf_counter() - start, count=num_train)
+    return dataset
+
 
 def _last_logged(run_dir: Path) -> dict:
     """The last entry of an engine run's ``train_log.jsonl`` ({} if none); a training
@@ -184,11 +216,9 @@ def build(
     ``clip_eval`` holds ``evaluate_tiny_clip`` sizes (default its own).
     """
     from .. import Segmenter
-    from ..data import FolderDataset
     from ..models.two_stream import TwoStreamBaseline
     from ..training.stages import default_config, train_deop, train_proposals
     from .clip import evaluate_tiny_clip, load_tiny_clip, pretrain_tiny_clip
-    from .export import export_folder
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -230,13 +260,8 @@ def build(
     print(f"      tiny CLIP: {json.dumps(clip_metrics)}", flush=True)
 
     # 2. segmentation training scenes
-    t = time.perf_counter()
-    train_dir = work / "train_scenes"
-    if not (train_dir / "classes.txt").exists():
-        print(f"[2/7] rendering {num_train} training scenes -> {train_dir}", flush=True)
-        export_folder(train_dir, num_train, TRAIN_SEED + seed)
-    dataset = FolderDataset(train_dir, unseen=list(scenes.UNSEEN_CLASSES))
-    summary.step("train_scenes", time.perf_counter() - t, count=num_train)
+    print("[2/7] segmentation training scenes", flush=True)
+    dataset = training_dataset(work, num_train, seed, summary)
 
     # 3. the demo architecture around the tiny CLIP
     torch.manual_seed(seed)
@@ -312,15 +337,10 @@ def build(
     print(f"[6/7] writing {output / 'model'}", flush=True)
     t = time.perf_counter()
     for name, seg in trained.items():
-        folder = output / ("model" if name == "deop" else f"ablations/{name}")
-        seg.model.half()
-        seg.save_pretrained(folder)
-        seg.model.float()
+        save_fp16(seg, output / ("model" if name == "deop" else f"ablations/{name}"))
     summary.step("write", time.perf_counter() - t)
-    summary.data["total_seconds"] = round(time.perf_counter() - start, 2)
-    summary.write()
-    print(f"[7/7] done in {summary.data['total_seconds']:.0f} s; summary: {summary.path}", flush=True)
-    return summary.data
+    print("[7/7] ", end="")
+    return summary.finish(start)
 
 
 def install(model_dir: Path, preset: str = "demo") -> Path:

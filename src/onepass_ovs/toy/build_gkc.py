@@ -50,8 +50,15 @@ from ..config import (
     TextConfig,
 )
 from ..models.gkc import CLIP_CONVNEXT, CLIP_RESNET, GKCConfig
-from . import scenes
-from .build import EVAL_SEED, TRAIN_SEED, _last_logged, _Summary, evaluate_on_fresh_scenes
+from .build import (
+    EVAL_SEED,
+    TRAIN_SEED,
+    _last_logged,
+    _Summary,
+    evaluate_on_fresh_scenes,
+    save_fp16,
+    training_dataset,
+)
 
 #: ``--quick``: tiny step and scene counts, end to end in a minute or two on a CPU.
 QUICK = {"steps": 3, "num_train": 8, "batch_size": 2, "num_eval": 4}
@@ -145,12 +152,10 @@ def build(
     so the losses use every pixel (cheaper on a CPU than choosing uncertain points).
     """
     from .. import Segmenter
-    from ..data import FolderDataset
     from ..data.synonyms import shapes_world_synonyms
     from ..training.gkc_offline import load_frozen_clip
     from ..training.stages import default_config, train_gkc
     from .clip import load_tiny_clip
-    from .export import export_folder
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -166,13 +171,7 @@ def build(
     summary = _Summary(output / "summary.json", settings)
     start = time.perf_counter()
 
-    t = time.perf_counter()
-    train_dir = work / "train_scenes"
-    if not (train_dir / "classes.txt").exists():
-        print(f"[1/4] rendering {num_train} training scenes -> {train_dir}", flush=True)
-        export_folder(train_dir, num_train, TRAIN_SEED + seed)
-    dataset = FolderDataset(train_dir, unseen=list(scenes.UNSEEN_CLASSES))
-    summary.step("train_scenes", time.perf_counter() - t, count=num_train)
+    dataset = training_dataset(work, num_train, seed, summary)
 
     clip_model = load_tiny_clip(clip_dir)
     clip_cfg = json.loads((clip_dir / "open_clip_config.json").read_text())["model_cfg"]
@@ -226,14 +225,8 @@ def build(
 
     print(f"[4/4] writing {output / 'model'}", flush=True)
     for name, seg in trained.items():
-        folder = output / ("model" if name == "gkc" else f"ablations/{name}")
-        seg.model.half()
-        seg.save_pretrained(folder)
-        seg.model.float()
-    summary.data["total_seconds"] = round(time.perf_counter() - start, 2)
-    summary.write()
-    print(f"done in {summary.data['total_seconds']:.0f} s; summary: {summary.path}", flush=True)
-    return summary.data
+        save_fp16(seg, output / ("model" if name == "gkc" else f"ablations/{name}"))
+    return summary.finish(start)
 
 
 def main(argv: list[str] | None = None) -> None:

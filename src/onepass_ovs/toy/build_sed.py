@@ -34,8 +34,15 @@ import torch
 
 from ..config import ModelConfig, PreprocessConfig
 from ..models.sed import SEDConfig, _sed_config
-from . import scenes
-from .build import EVAL_SEED, TRAIN_SEED, _last_logged, _Summary, evaluate_on_fresh_scenes
+from .build import (
+    EVAL_SEED,
+    TRAIN_SEED,
+    _last_logged,
+    _Summary,
+    evaluate_on_fresh_scenes,
+    save_fp16,
+    training_dataset,
+)
 
 #: ``--quick``: tiny step and scene counts, end to end in a minute or two on a CPU.
 QUICK = {"steps": 3, "num_train": 8, "batch_size": 2, "num_eval": 4}
@@ -86,12 +93,10 @@ def build(
 ) -> dict:
     """Run the recipe; returns the summary (also written as ``summary.json``)."""
     from .. import Segmenter
-    from ..data import FolderDataset
     from ..training.augment import SegmentationAugment
     from ..training.stages import train_sed
     from ..training.stages.sed import sed_default_config
     from .clip import load_tiny_clip
-    from .export import export_folder
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -106,13 +111,7 @@ def build(
     summary = _Summary(output / "summary.json", settings)
     start = time.perf_counter()
 
-    t = time.perf_counter()
-    train_dir = work / "train_scenes"
-    if not (train_dir / "classes.txt").exists():
-        print(f"[1/4] rendering {num_train} training scenes -> {train_dir}", flush=True)
-        export_folder(train_dir, num_train, TRAIN_SEED + seed)
-    dataset = FolderDataset(train_dir, unseen=list(scenes.UNSEEN_CLASSES))
-    summary.step("train_scenes", time.perf_counter() - t, count=num_train)
+    dataset = training_dataset(work, num_train, seed, summary)
 
     clip_cfg = json.loads((clip_dir / "open_clip_config.json").read_text())["model_cfg"]
     torch.manual_seed(seed)
@@ -146,13 +145,8 @@ def build(
     summary.data["rejection_top_k"] = top_k
 
     print(f"[4/4] writing {output / 'model'}", flush=True)
-    trained.model.half()
-    trained.save_pretrained(output / "model")
-    trained.model.float()
-    summary.data["total_seconds"] = round(time.perf_counter() - start, 2)
-    summary.write()
-    print(f"done in {summary.data['total_seconds']:.0f} s; summary: {summary.path}", flush=True)
-    return summary.data
+    save_fp16(trained, output / "model")
+    return summary.finish(start)
 
 
 def main(argv: list[str] | None = None) -> None:
